@@ -1,0 +1,187 @@
+"""The maths of DCAL, each checked against an independent reference."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from twins.loss import DCALLoss
+from twins.model import DCAL, qkv_heads, rollout_row
+
+torch.manual_seed(0)
+
+
+def small(**kw) -> DCAL:
+    args = dict(arch="test_vit", n_classes=5, img_size=32, pretrained=False, drop_path=0.0, top_r=0.25, patch_size=8)
+    return DCAL(**{**args, **kw})
+
+
+def explicit(model: DCAL):
+    """The same model on the explicit-softmax attention path."""
+    m = copy.deepcopy(model)
+    for blk in list(m.vit.blocks) + ([m.glca_block] if m.use_glca else []):
+        blk.attn.fused_attn = False
+    return m
+
+
+def test_rollout_row_matches_full_matrix_product():
+    model = small().eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps, h = [], model.tokens(x)
+    with torch.no_grad():
+        for blk in model.vit.blocks:
+            q, k, _ = qkv_heads(blk.attn, blk.norm1(h))
+            maps.append((q @ k.transpose(-2, -1) * blk.attn.scale).softmax(-1))  # (B, H, N, N), explicit
+            h = blk(h)
+        eye = torch.eye(h.shape[1])
+        full = eye.expand(2, -1, -1)
+        for S in maps:
+            full = (0.5 * S.mean(1) + 0.5 * eye) @ full  # S_hat_i = S_bar_i @ S_hat_{i-1}
+        ref = full[:, 0]
+        got = rollout_row([S.mean(1) for S in maps])
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(2), atol=1e-5)  # a product of row-stochastic matrices
+    assert torch.allclose(model.encode(x)["rollout"], ref[:, 1:], atol=1e-5)
+
+
+def test_sa_stream_is_the_timm_vit():
+    model = small().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode(x)["sa"], model.vit.forward_features(x)[:, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_pwca_with_itself_as_partner_equals_sa(fused):
+    model = small(drop_path=0.0).train()
+    if not fused:
+        model = explicit(model)
+    x = torch.randn(2, 3, 32, 32)
+    out = model.encode(x, partner=torch.arange(2))  # every image is its own distractor
+    assert torch.allclose(out["pwca"], out["sa"], atol=1e-5)
+    # block by block: duplicated keys/values leave every softmax-weighted average unchanged
+    blk = model.vit.blocks[0]
+    h = blk.norm1(model.tokens(x))
+    q, k, v = qkv_heads(blk.attn, h)
+    single = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    doubled = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, k], 2), torch.cat([v, v], 2))
+    assert torch.allclose(single, doubled, atol=1e-6)
+
+
+def test_pwca_uses_the_partner_at_the_same_block():
+    model = small().train()
+    x = torch.randn(2, 3, 32, 32)
+    own = model.encode(x, partner=torch.arange(2))["pwca"]
+    swapped = model.encode(x, partner=torch.tensor([1, 0]))["pwca"]
+    assert not torch.allclose(own, swapped, atol=1e-4)  # the distractor changes the PWCA stream ...
+    assert torch.allclose(model.encode(x, partner=torch.tensor([1, 0]))["sa"], model.encode(x)["sa"], atol=1e-5)  # ... not SA
+
+
+def test_glca_with_all_tokens_equals_last_block_class_token():
+    model = small(top_r=1.0).eval()  # glca weights are a copy of the last block: untouched here
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model.encode(x)
+    assert model.n_select == model.n_patches
+    assert torch.allclose(out["glca"], out["sa"], atol=1e-5)
+
+
+def test_glca_selects_top_rollout_tokens_and_updates_class_token():
+    model = small(top_r=0.25).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.encode(x)
+    top = out["rollout"].topk(model.n_select, dim=1).indices
+    assert torch.equal(out["selected"].sort(1).values, top.sort(1).values)
+    loss = out["glca"].sum()
+    loss.backward()
+    assert model.glca_block.attn.qkv.weight.grad.abs().sum() > 0  # the class token's GLCA update is trained
+    assert model.glca_block.mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_fused_equals_explicit_forward_and_gradients():
+    model = small().train()
+    ref = explicit(model)
+    x = torch.randn(2, 3, 32, 32)
+    xb = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([0, 1])
+    outs = []
+    for m in (model, ref):
+        out = m(x, xb)
+        DCALLoss()(out, torch.tensor([1.0, 0.0]), y, y).backward()
+        outs.append(out)
+    for key in ("sa", "glca", "pwca", "emb_a"):
+        assert torch.allclose(outs[0][key], outs[1][key], atol=1e-5), key
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_eval_never_runs_pwca_and_embedding_ignores_the_partner():
+    model = small().eval()
+    calls = []
+    model.vit.blocks[0].norm1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    a, b1, b2 = (torch.randn(2, 3, 32, 32) for _ in range(3))
+    with torch.no_grad():
+        o1, o2 = model(a, b1), model(a, b2)
+    assert calls == [4, 4]  # only the SA stream of the 2 + 2 images, no PWCA stream
+    assert "pwca" not in o1
+    assert torch.allclose(o1["emb_a"], o2["emb_a"], atol=1e-6)
+    assert torch.allclose(o1["emb_a"].norm(dim=-1), torch.ones(2), atol=1e-5)
+    model.train()
+    calls.clear()
+    model(a, b1)
+    assert calls == [8]  # SA and PWCA streams of 4 images
+
+
+def test_plain_timm_state_dict_loads_into_the_backbone():
+    plain = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8)
+    model = small()
+    result = model.vit.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    # and a checkpoint made at 224 runs in a model built at a larger size (position embeddings resampled)
+    big = DCAL("test_vit", 5, 448, pretrained=False)
+    src = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=224)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    big.vit.load_state_dict(checkpoint_filter_fn(src.state_dict(), big.vit))
+    with torch.no_grad():
+        assert big.eval().embed(torch.randn(1, 3, 448, 448)).shape == (1, 128)
+
+
+def test_uncertainty_weighted_loss_reaches_every_branch_and_weight():
+    model = small().train()
+    a, b = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    out = model(a, b)
+    for key in ("sa", "glca", "pwca"):
+        out[key].retain_grad()
+    loss = DCALLoss()(out, torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 2, -1]))
+    loss.backward()
+    assert torch.all(model.log_vars.grad != 0)
+    for key in ("sa", "glca", "pwca"):
+        assert out[key].grad.abs().sum() > 0, key
+    assert model.pair_logit.grad.abs().sum() > 0
+
+
+def test_loss_formula_and_reduction():
+    torch.manual_seed(1)
+    n, c = 3, 4
+    out = {k: torch.rand(2 * n, c) * 2 - 1 for k in ("sa", "glca", "pwca")}
+    out.update(feat_sa=torch.randn(2 * n, 8), feat_glca=torch.randn(2 * n, 8),
+               log_vars=torch.tensor([0.3, -0.2, 0.1]), pair_logit=torch.tensor([10.0, -5.0]))
+    same, ya, yb = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 1, -1]), torch.tensor([0, 2, -1])
+    f = DCALLoss(scale=16, margin=0.2, reduction="none")
+    per_pair = f(out, same, ya, yb)
+    assert per_pair.shape == (n,)
+    # reference, written out
+    y = torch.cat([ya, yb])
+    total = 0
+    for i, k in enumerate(("sa", "glca", "pwca")):
+        logits = 16 * (out[k] - 0.2 * torch.nn.functional.one_hot(y.clamp(min=0), c))
+        ce = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none") * (y >= 0)
+        branch = 0.5 * (ce[:n] + ce[n:])
+        if k != "pwca":
+            fa, fb = (torch.nn.functional.normalize(out[f"feat_{k}"], dim=-1)[s] for s in (slice(0, n), slice(n, None)))
+            branch = branch + torch.nn.functional.binary_cross_entropy_with_logits(10 * (fa * fb).sum(-1) - 5, same,
+                                                                                   reduction="none")
+        w = out["log_vars"][i]
+        total = total + 0.5 * (torch.exp(-w) * branch + w)
+    assert torch.allclose(per_pair, total, atol=1e-5)
+    assert torch.allclose(DCALLoss()(out, same, ya, yb), total.mean(), atol=1e-5)

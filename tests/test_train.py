@@ -1,0 +1,111 @@
+"""train.py as the user runs it: real subprocesses on a small generated set, W&B offline."""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["--arch", "test_vit", "--size", "32", "--patch-size", "8", "--no-pretrained", "--bs", "8", "--lr", "1e-3",
+        "--top-r", "0.25", "--valid-pct", "0.25", "--map-every", "3"]
+
+
+def run(args, cwd, mode="offline", check=True):
+    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=900)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def lrs(stdout: str) -> dict[int, float]:
+    return {int(e): float(lr) for e, lr in re.findall(r"^epoch (\d+) lr (\S+) ", stdout, re.M)}
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fresh_run(tiny_demo, tmp_path_factory):
+    json_dir, images = tiny_demo
+    work = tmp_path_factory.mktemp("run")
+    data = ["--data", str(json_dir), "--data-root", str(images)]
+    p = run(["--fresh", "--epochs", "7", *TINY, *data], work)
+    return work, data, p
+
+
+def test_fresh_run_writes_checkpoints_maps_and_report(fresh_run):
+    work, _, p = fresh_run
+    models = work / "models"
+    assert sorted(f.name for f in models.glob("ep*.pth")) == ["ep5.pth", "ep7.pth"]
+    assert not list(models.glob("*.tmp"))
+    assert sorted(f.name for f in (models / "maps").glob("*.png")) == ["ep3.png", "ep6.png", "ep7.png"]
+    report = json.loads((models / "test_report.json").read_text())
+    t = report["test"]
+    assert 0 <= t["eer"] <= 1 and 0 <= t["auc"] <= 1 and 0 <= t["accuracy"] <= 1
+    assert t["threshold_source"].startswith("validation")
+    assert report["valid"]["eer_threshold"] == pytest.approx(t["threshold"])
+    assert (models / "roc.png").stat().st_size > 1000
+    assert "W&B: no WANDB_API_KEY, logging offline" in p.stdout
+    assert "Config: " in p.stdout and "Test (twins-only" in p.stdout
+
+
+def test_offline_wandb_run_holds_history(fresh_run):
+    work, _, _ = fresh_run
+    runs = list((work / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    for key in (b"train_loss", b"valid_eer", b"branch/loss_glca", b"branch/w_pwca", b"test/eer"):
+        assert key in blob, key
+
+
+def test_resume_continues_the_schedule_and_keeps_old_checkpoints(fresh_run):
+    work, data, p_full = fresh_run
+    models = work / "models"
+    before = {f.name: digest(f) for f in models.glob("ep*.pth")}
+    resume_dir = work / "resumed"
+    resume_dir.mkdir()
+    (resume_dir / "models").mkdir()
+    (resume_dir / "models" / "ep5.pth").write_bytes((models / "ep5.pth").read_bytes())
+    p = run(["--resume", "models/ep5"], resume_dir)
+    assert "Resuming from models/ep5.pth: epoch 5 of 7 done" in p.stdout
+    full, resumed = lrs(p_full.stdout), lrs(p.stdout)
+    assert sorted(resumed) == [6, 7]  # only the remaining epochs train
+    for e in (6, 7):
+        assert resumed[e] == pytest.approx(full[e], rel=1e-6)
+    assert digest(resume_dir / "models" / "ep5.pth") == before["ep5.pth"]  # never re-saved
+    assert (resume_dir / "models" / "ep7.pth").is_file()
+    assert {f.name: digest(f) for f in models.glob("ep*.pth")} == before
+    # the same W&B run continues
+    ids = {d.name.rsplit("-", 1)[-1] for d in (work / "wandb").glob("offline-run-*")}
+    ids2 = {d.name.rsplit("-", 1)[-1] for d in (resume_dir / "wandb").glob("offline-run-*")}
+    assert ids == ids2
+
+
+def test_bad_resume_path_and_mismatched_checkpoint(fresh_run):
+    work, data, _ = fresh_run
+    p = run(["--resume", "models/ep99"], work, mode="disabled", check=False)
+    assert p.returncode != 0 and "checkpoint models/ep99.pth does not exist; found: models/ep5.pth" in p.stderr
+    p = run(["--resume", "models/ep5", "--size", "48"], work, mode="disabled", check=False)
+    assert p.returncode != 0 and "does not match this run (size: checkpoint 32 vs 48)" in p.stderr
+    p = run(["--resume", "models/ep5", "--valid-pct", "0.5"], work, mode="disabled", check=False)
+    assert p.returncode != 0 and "other training ids" in p.stderr
+    (work / "junk.pth").write_bytes(b"not a checkpoint")
+    p = run(["--resume", "junk.pth"], work, mode="disabled", check=False)
+    assert p.returncode != 0 and "cannot be read" in p.stderr
+    assert sorted(f.name for f in (work / "models").glob("ep*.pth")) == ["ep5.pth", "ep7.pth"]
+
+
+def test_bad_data_stops_before_training(tmp_path, tiny_demo):
+    json_dir, _ = tiny_demo
+    p = run(["--fresh", *TINY, "--data", str(json_dir)], tmp_path, mode="disabled", check=False)
+    assert p.returncode != 0
+    assert "Data error:" in p.stderr and "images not found as written; pass --data-root" in p.stderr
+    assert not (tmp_path / "models").exists()

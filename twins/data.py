@@ -1,0 +1,303 @@
+"""The twin data: the four JSON files, path resolution, the RAM image cache, and pair loaders.
+
+Layout (mission.md): `<split>_dataset_infor.json` maps person id -> image paths (absolute paths from
+the machine that wrote them); `<split>_twin_pairs.json` lists twin id pairs. Twins come only from
+the pairs files; a person may have several siblings (triplets are stored as three pairs).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.data.transforms import IntToFloatTensor, Normalize
+from fastai.torch_core import TensorImage
+from fastai.vision.augment import aug_transforms
+from fastcore.parallel import parallel
+from fasttransform import ItemTransform, Pipeline
+from PIL import Image
+
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Bad input data: the message says which file and which ids or paths."""
+
+
+def _examples(items, n: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:n])
+    return f"{len(items)}: {shown}" + (", ..." if len(items) > n else "")
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (expected the four files of the ND-TWIN layout in {path.parent})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Read and shape-check one split's info and pairs files."""
+    info_path = Path(json_dir) / f"{split}_dataset_infor.json"
+    pairs_path = Path(json_dir) / f"{split}_twin_pairs.json"
+    info, pairs = _read_json(info_path), _read_json(pairs_path)
+    if not isinstance(info, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(p, str) for p in v) for k, v in info.items()
+    ):
+        raise DataError(f"{info_path}: expected an object mapping person id -> list of image paths")
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(i, str) for i in p) for p in pairs
+    ):
+        raise DataError(f'{pairs_path}: expected a list of two-id lists, e.g. [["90003", "90004"], ...]')
+    unknown = sorted({i for p in pairs for i in p if i not in info})
+    if unknown:
+        raise DataError(f"{pairs_path}: twin pairs name ids missing from {info_path.name} ({_examples(unknown)})")
+    self_pairs = [p for p in pairs if p[0] == p[1]]
+    if self_pairs:
+        raise DataError(f"{pairs_path}: pairs of a person with themself ({_examples(self_pairs)})")
+    few = sorted(k for k, v in info.items() if len(v) < 2)
+    if few:
+        raise DataError(f"{info_path}: people with fewer than 2 images ({_examples(few)})")
+    paired = {i for p in pairs for i in p}
+    lonely = sorted(set(info) - paired)
+    if lonely:
+        raise DataError(f"{info_path}: people without a twin in {pairs_path.name} ({_examples(lonely)}); "
+                        "twins-only verification needs every person's twin")
+    return info, [tuple(p) for p in pairs]
+
+
+def resolve_path(path: str, data_root: Path | None) -> Path | None:
+    """Where `path` (written on another machine) lives here: as written, else the longest tail of
+    it that exists under `data_root` (so both `<root>/<id>/<file>` and a flat `<root>/<file>` work)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if data_root is not None:
+        parts = [s for s in p.parts if s not in (p.anchor, "")]
+        for start in range(len(parts)):
+            candidate = data_root.joinpath(*parts[start:])
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+@dataclass
+class Split:
+    """One split: images (resolved paths), the person index of each, and the twin structure."""
+    ids: list[str]                       # person ids, sorted; person index = position here
+    paths: list[Path]                    # one per image
+    person: np.ndarray                   # person index of each image
+    twin_pairs: list[tuple[int, int]]    # person-index pairs, as in the pairs file
+    siblings: dict[int, list[int]] = field(init=False)
+
+    def __post_init__(self):
+        self.siblings = {i: [] for i in range(len(self.ids))}
+        for a, b in self.twin_pairs:
+            self.siblings[a].append(b)
+            self.siblings[b].append(a)
+
+    def images_of(self, person: int) -> np.ndarray:
+        return np.flatnonzero(self.person == person)
+
+    def families(self) -> list[list[int]]:
+        """Connected groups of siblings (a triplet family is one group)."""
+        seen, groups = set(), []
+        for start in range(len(self.ids)):
+            if start in seen:
+                continue
+            group, stack = [], [start]
+            seen.add(start)
+            while stack:
+                p = stack.pop()
+                group.append(p)
+                for q in self.siblings[p]:
+                    if q not in seen:
+                        seen.add(q)
+                        stack.append(q)
+            groups.append(sorted(group))
+        return groups
+
+    def subset(self, people: list[int]) -> "Split":
+        """The split restricted to `people` (whole families, so twin pairs stay intact)."""
+        keep = sorted(people)
+        new_index = {p: i for i, p in enumerate(keep)}
+        images = [i for i in range(len(self.paths)) if self.person[i] in new_index]
+        return Split(ids=[self.ids[p] for p in keep], paths=[self.paths[i] for i in images],
+                     person=np.array([new_index[self.person[i]] for i in images], dtype=np.int64),
+                     twin_pairs=[(new_index[a], new_index[b]) for a, b in self.twin_pairs if a in new_index])
+
+
+def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> dict[str, Split]:
+    """Parse and validate both splits and find every image on disk; raise DataError on any problem."""
+    json_dir = Path(json_dir)
+    raw = {s: read_split(json_dir, s) for s in SPLITS}
+    both = sorted(set(raw["train"][0]) & set(raw["test"][0]))
+    if both:
+        raise DataError(f"{json_dir}: ids in both train and test ({_examples(both)}); splits must be disjoint")
+    all_paths = [p for info, _ in raw.values() for ps in info.values() for p in ps]
+    dup = sorted({p for p in all_paths if all_paths.count(p) > 1}) if len(set(all_paths)) < len(all_paths) else []
+    if dup:
+        raise DataError(f"{json_dir}: image paths listed more than once ({_examples(dup)})")
+    root = Path(data_root) if data_root is not None else None
+    if root is not None and not root.is_dir():
+        raise DataError(f"--data-root {root}: no such folder")
+    resolved = dict(zip(all_paths, parallel(resolve_path, all_paths, data_root=root, n_workers=8, threadpool=True)))
+    missing = [p for p, r in resolved.items() if r is None]
+    if missing:
+        hint = (f"under --data-root {root}" if root is not None
+                else "as written; pass --data-root DIR, the folder that holds the images")
+        raise DataError(f"{len(missing)} of {len(all_paths)} images not found {hint}. "
+                        f"Missing ({_examples(missing, 3)})")
+    splits = {}
+    for name, (info, pairs) in raw.items():
+        ids = sorted(info)
+        index = {k: i for i, k in enumerate(ids)}
+        paths = [resolved[p] for k in ids for p in info[k]]
+        person = np.array([index[k] for k in ids for _ in info[k]], dtype=np.int64)
+        splits[name] = Split(ids, paths, person, [(index[a], index[b]) for a, b in pairs])
+    return splits
+
+
+def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split | None]:
+    """Hold out whole twin families (all images of both twins) for validation."""
+    if not 0 <= valid_pct < 1:
+        raise DataError(f"--valid-pct must be in [0, 1), got {valid_pct}")
+    if valid_pct == 0:
+        return train, None
+    fams = train.families()
+    n_valid = max(1, round(valid_pct * len(fams)))
+    if n_valid >= len(fams):
+        raise DataError(f"--valid-pct {valid_pct} leaves no training family ({len(fams)} families)")
+    order = np.random.default_rng(seed).permutation(len(fams))
+    valid_people = [p for f in order[:n_valid] for p in fams[f]]
+    train_people = [p for f in order[n_valid:] for p in fams[f]]
+    return train.subset(train_people), train.subset(valid_people)
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is much larger
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+
+
+def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Tensor:
+    """Decode every image once into a uint8 (n, 3, size, size) tensor in RAM, so epochs do no JPEG work."""
+    n_bytes = len(paths) * 3 * size * size
+    print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM")
+    cache = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    arrays = parallel(_load_image, paths, size=size, n_workers=min(8, os.cpu_count() or 1), threadpool=True,
+                      progress=True)
+    for i, a in enumerate(arrays):
+        cache[i].numpy()[...] = a
+    return cache
+
+
+def sample_pairs(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch: every image anchors one pair; half the partners (random half) are another image of
+    the same person, the rest an image of one of their twins. Returns (partner, same)."""
+    n = len(split.paths)
+    same = np.zeros(n, dtype=bool)
+    same[rng.permutation(n)[: n // 2 + rng.integers(0, 2) * (n % 2)]] = True
+    images = [split.images_of(p) for p in range(len(split.ids))]
+    partner = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        p = split.person[i]
+        if same[i]:
+            others = images[p][images[p] != i]
+            partner[i] = rng.choice(others)
+        else:
+            partner[i] = rng.choice(images[rng.choice(split.siblings[p])])
+    return partner, same
+
+
+class TwinPairs:
+    """Dataset of one epoch of pairs, redrawn by `resample(epoch)` (fixed when `fixed`).
+    Items: (anchor image, partner image, same, class of anchor, class of partner); class -1 = unseen id."""
+
+    def __init__(self, split: Split, cache: torch.Tensor, classes: dict[str, int], seed: int, fixed: bool):
+        self.split, self.cache, self.seed, self.fixed = split, cache, seed, fixed
+        self.label = torch.tensor([classes.get(split.ids[p], -1) for p in split.person])
+        self.resample(0)
+
+    def resample(self, epoch: int):
+        if self.fixed and hasattr(self, "partner"):
+            return
+        partner, same = sample_pairs(self.split, np.random.default_rng([self.seed, epoch]))
+        self.partner, self.same = torch.from_numpy(partner), torch.from_numpy(same)
+
+    def __len__(self):
+        return len(self.split.paths)
+
+    def __getitem__(self, i):
+        return i
+
+
+class PairDL(DataLoader):
+    """A fastai DataLoader over `TwinPairs`: a batch is gathered straight from the RAM cache
+    (no per-item work), pairs are redrawn at every pass over the training set."""
+    n_inp = 2  # the model is called as model(img_a, img_b); the targets are (same, id_a, id_b)
+
+    def __init__(self, dataset: TwinPairs, **kwargs):
+        self.n_epochs_seen = 0
+        super().__init__(dataset, **kwargs)
+
+    def before_iter(self):
+        super().before_iter()
+        self.dataset.resample(self.n_epochs_seen)
+        self.n_epochs_seen += 1
+
+    def create_batch(self, b):
+        ds = self.dataset
+        a = torch.as_tensor(b)
+        p = ds.partner[a]
+        return (TensorImage(ds.cache[a]), TensorImage(ds.cache[p]), ds.same[a].float(), ds.label[a], ds.label[p])
+
+
+class PairAugment(ItemTransform):
+    """Train-time augmentation with independent random draws for the two images of each pair
+    (fastai's batch transforms would give both images the same draw). No flips: see PLAN.md."""
+    split_idx, order = 0, 20
+
+    def __init__(self, size: int):
+        self.tfms = Pipeline(aug_transforms(do_flip=False, max_rotate=8.0, max_zoom=1.1, max_lighting=0.25,
+                                            max_warp=0.05, p_affine=0.75, size=size), split_idx=0)
+
+    def encodes(self, b):
+        xa, xb, *targets = b
+        x = self.tfms(TensorImage(torch.cat([xa, xb])))
+        blur = torch.rand(len(x), device=x.device) < 0.2
+        if blur.any():  # mild defocus, as in real photos
+            x[blur] = TensorImage(torch.nn.functional.avg_pool2d(x[blur], 3, stride=1, padding=1,
+                                                                  count_include_pad=False))
+        return (x[: len(xa)], x[len(xa):], *targets)
+
+
+def normalizer(mean, std) -> Normalize:
+    return Normalize.from_stats(mean, std, cuda=False)
+
+
+def pair_dataloaders(train: Split, valid: Split | None, train_cache: torch.Tensor, valid_cache: torch.Tensor | None,
+                     classes: dict[str, int], bs: int, size: int, mean, std, seed: int,
+                     device: torch.device | None = None) -> DataLoaders:
+    """Training pairs (redrawn each epoch, augmented) and fixed validation pairs (every validation
+    image anchors once, in image order: the verification metrics rely on that order)."""
+    norm = normalizer(mean, std)
+    train_dl = PairDL(TwinPairs(train, train_cache, classes, seed, fixed=False), bs=bs, shuffle=True,
+                      drop_last=True, after_batch=Pipeline([IntToFloatTensor(), PairAugment(size), norm], split_idx=0),
+                      device=device)
+    dls = [train_dl]
+    if valid is not None:
+        dls.append(PairDL(TwinPairs(valid, valid_cache, classes, seed + 1, fixed=True), bs=bs, shuffle=False,
+                          after_batch=Pipeline([IntToFloatTensor(), norm], split_idx=1), device=device))
+    else:  # fastai needs a validation loader; an empty one skips validation
+        dls.append(PairDL(TwinPairs(train, train_cache, classes, seed, fixed=True), bs=bs, n=0, device=device,
+                          after_batch=[IntToFloatTensor(), norm]))
+    return DataLoaders(*dls, device=device)

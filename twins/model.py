@@ -1,0 +1,199 @@
+"""DCAL (Zhu et al., CVPR 2022) on a timm ViT, adapted to twin verification.
+
+- SA: the timm blocks themselves (their pretrained weights load unchanged).
+- Rollout: the class-token row of prod_l (0.5 S_l + 0.5 I), head-mean, no gradient, as a vector
+  through the layers (the per-layer head-mean maps are kept without gradient; no N^3 chain).
+- GLCA: one block, parallel to the last SA block (same input), initialised from it; queries = class
+  token + top-R patch tokens by rollout, keys/values = all tokens; projection and FFN on the selected
+  tokens only.
+- PWCA (training only): every block with the SA weights; each image's queries attend over its own
+  keys/values concatenated with its partner's from the partner's SA stream (detached), one softmax.
+- Embedding: concat(SA class token, GLCA class token), L2-normalised; pair score = cosine.
+All attention for forward and backward runs through the fused `scaled_dot_product_attention`
+kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from torch import nn
+
+
+def split_heads(attn: Attention, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Project `x` (B, N, C) with a slice of the qkv weights and split heads -> (B, H, N, d)."""
+    B, N, _ = x.shape
+    return F.linear(x, weight, bias).reshape(B, N, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+
+
+def qkv_heads(attn: Attention, x: torch.Tensor):
+    q, k, v = split_heads(attn, x, attn.qkv.weight, attn.qkv.bias).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, then merge heads and project: (B, H, M, d) -> (B, M, C)."""
+    drop = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    else:
+        o = F.dropout((q * attn.scale @ k.transpose(-2, -1)).softmax(-1), drop, attn.training) @ v
+    B, H, M, d = o.shape
+    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, M, H * d))))
+
+
+def block_tail(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """The residual, MLP and residual of a pre-norm timm Block, after its attention."""
+    x = x + blk.drop_path1(blk.ls1(attn_out))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+@torch.no_grad()
+def head_mean_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) averaged over heads, (B, N, N), without gradient."""
+    return (q * attn.scale @ k.transpose(-2, -1)).softmax(-1).mean(1)
+
+
+@torch.no_grad()
+def rollout_row(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Row 0 of S_hat = S_bar_L ... S_bar_1 with S_bar = 0.5 S + 0.5 I, as a vector (O(L N^2))."""
+    row = torch.zeros_like(maps[-1][:, 0])
+    row[:, 0] = 1.0
+    for S in reversed(maps):
+        row = 0.5 * torch.bmm(row.unsqueeze(1), S.to(row.dtype)).squeeze(1) + 0.5 * row
+    return row
+
+
+class CosineClassifier(nn.Module):
+    """cos(feature, class centre) for every training id; the margin and scale live in the loss."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_classes, dim) * dim ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+class DCAL(nn.Module):
+    """Siamese DCAL: `model(xa, xb)` -> dict of class-token features, identity cosines and embeddings."""
+
+    def __init__(self, arch: str, n_classes: int, img_size: int, pretrained: bool = True, drop_path: float = 0.1,
+                 top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None):
+        super().__init__()
+        extra = {} if patch_size is None else {"patch_size": patch_size}
+        self.vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
+                                     drop_path_rate=drop_path, **extra)
+        v = self.vit
+        if v.cls_token is None or v.num_prefix_tokens != 1 or not all(
+                isinstance(b.attn, Attention) and b.attn.gate is None for b in v.blocks):
+            raise ValueError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
+                             "blocks (vit_*, deit_*)")
+        self.use_glca, self.use_pwca, self.top_r = glca, pwca, top_r
+        self.n_patches = v.patch_embed.num_patches
+        self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
+        dim = v.embed_dim
+        self.sa_head = CosineClassifier(dim, n_classes)
+        if glca:
+            self.glca_block = copy.deepcopy(v.blocks[-1])
+            self.glca_norm = copy.deepcopy(v.norm)
+            self.glca_head = CosineClassifier(dim, n_classes)
+        # Loss parameters live here so that fastai's optimizer (built from the model) trains them:
+        # uncertainty weights w_i of the SA, GLCA, PWCA losses, and the scale/bias of the pair logit.
+        self.log_vars = nn.Parameter(torch.zeros(3))
+        self.pair_logit = nn.Parameter(torch.tensor([10.0, -5.0]))
+
+    @property
+    def data_config(self) -> dict:
+        return timm.data.resolve_data_config({}, model=self.vit)
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.vit
+        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+
+    def glca_forward(self, x: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLCA on the last block's input `x`: class token + top-R patches by rollout `row` as queries
+        against all tokens. Returns the GLCA class token (after its norm) and the selected patch indices."""
+        blk, attn = self.glca_block, self.glca_block.attn
+        top = row[:, 1:].topk(self.n_select, dim=1).indices + 1
+        idx = torch.cat([torch.zeros_like(top[:, :1]), top], 1)
+        h = blk.norm1(x)
+        h_sel = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        x_sel = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        C = attn.attn_dim
+        bias = attn.qkv.bias
+        q = attn.q_norm(split_heads(attn, h_sel, attn.qkv.weight[:C], None if bias is None else bias[:C])[0])
+        k, v = split_heads(attn, h, attn.qkv.weight[C:], None if bias is None else bias[C:]).unbind(0)
+        out = block_tail(blk, x_sel, attend(attn, q, attn.k_norm(k), v))
+        return self.glca_norm(out)[:, 0], top - 1
+
+    def encode(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
+        """Run SA (+ PWCA when `partner` gives each image's partner index in the batch) and GLCA."""
+        v = self.vit
+        x = self.tokens(x)
+        x_pw = x if partner is not None else None
+        maps, last_in = [], x
+        for i, blk in enumerate(v.blocks):
+            last_in = x
+            n = len(x)
+            h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
+            q, k, val = qkv_heads(blk.attn, h)
+            if self.use_glca:
+                maps.append(head_mean_attention(blk.attn, q[:n], k[:n]))
+            if x_pw is not None:
+                kd, vd = k[:n][partner].detach(), val[:n][partner].detach()
+                pw = attend(blk.attn, q[n:], torch.cat([k[n:], kd], 2), torch.cat([val[n:], vd], 2))
+                x_pw = block_tail(blk, x_pw, pw)
+            x = block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n]))
+        out = {"sa": v.norm(x)[:, 0]}
+        if x_pw is not None:
+            out["pwca"] = v.norm(x_pw)[:, 0]
+        if self.use_glca:
+            row = rollout_row(maps)
+            out["rollout"] = row[:, 1:]
+            out["glca"], out["selected"] = self.glca_forward(last_in, row)
+        return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The verification embedding (SA + GLCA only, whatever the mode)."""
+        return self.embedding(self.encode(x))
+
+    def embedding(self, out: dict) -> torch.Tensor:
+        parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])
+        return F.normalize(torch.cat(parts, -1), dim=-1)
+
+    def forward(self, xa: torch.Tensor, xb: torch.Tensor) -> dict:
+        n = len(xa)
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(xa.device)
+        out = self.encode(torch.cat([xa, xb]), partner if (self.training and self.use_pwca) else None)
+        emb = self.embedding(out)
+        res = {"sa": self.sa_head(out["sa"]), "feat_sa": out["sa"], "emb_a": emb[:n], "emb_b": emb[n:],
+               "log_vars": self.log_vars, "pair_logit": self.pair_logit}
+        if "glca" in out:
+            res.update(glca=self.glca_head(out["glca"]), feat_glca=out["glca"])
+        if "pwca" in out:
+            res["pwca"] = self.sa_head(out["pwca"])  # PWCA shares the SA classifier, as it shares the blocks
+        return res
+
+
+def check_cuda_arch() -> None:
+    """Stop early, with what to do, when this torch build has no kernels for the GPU (P100 = sm_60)."""
+    if not torch.cuda.is_available():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    supported = torch.cuda.get_arch_list()
+    if supported and arch not in supported and not any(
+            a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor for a in supported):
+        name = torch.cuda.get_device_name()
+        raise SystemExit(
+            f"This torch {torch.__version__} build has no kernels for {name} ({arch}); it supports "
+            f"{', '.join(supported)}. On Kaggle either pick the T4 x2 accelerator, or install a CUDA 12.6 "
+            "build first: pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")

@@ -1,0 +1,56 @@
+"""Attention heatmaps over the face: the class-token rollout, with the GLCA-selected patches marked."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+@torch.no_grad()
+def attention_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embedding, rollout map (B, gh, gw), GLCA-selected mask (B, gh, gw)) for normalised images."""
+    was_training = model.training
+    model.eval()
+    out = model.encode(x)
+    model.train(was_training)
+    gh, gw = model.vit.patch_embed.grid_size
+    roll = out["rollout"].float()
+    mask = torch.zeros_like(roll).scatter_(1, out["selected"], 1.0)
+    return model.embedding(out), roll.view(-1, gh, gw), mask.view(-1, gh, gw)
+
+
+def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: str):
+    """Draw `img` (H, W, 3 in [0, 1]) with the rollout heatmap and the outlines of selected patches."""
+    h, w = img.shape[:2]
+    heat = F.interpolate(heat[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
+    ax.imshow(img)
+    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
+    gh, gw = mask.shape
+    ys, xs = np.nonzero(mask.numpy())
+    for y, x in zip(ys, xs):
+        ax.add_patch(plt.Rectangle((x * w / gw, y * h / gh), w / gw, h / gh, fill=False, lw=0.6, ec="white"))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
+    """One row per pair: each row dict has img_a, img_b (H, W, 3), heat_a/b, mask_a/b, and a caption."""
+    fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.6 * len(rows)), squeeze=False)
+    for ax_row, r in zip(axes, rows):
+        overlay(ax_row[0], r["img_a"], r["heat_a"], r["mask_a"], r["caption_a"])
+        overlay(ax_row[1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
