@@ -1,44 +1,14 @@
 """train.py as the user runs it: real subprocesses on a small generated set, W&B offline."""
 import hashlib
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-TINY = ["--arch", "test_vit", "--size", "32", "--patch-size", "8", "--no-pretrained", "--bs", "8", "--lr", "1e-3",
-        "--top-r", "0.25", "--valid-pct", "0.25", "--map-every", "3"]
-
-
-def run(args, cwd, mode="offline", check=True):
-    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=900)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def lrs(stdout: str) -> dict[int, float]:
-    return {int(e): float(lr) for e, lr in re.findall(r"^epoch (\d+) lr (\S+) ", stdout, re.M)}
+from conftest import TINY, lrs, run
 
 
 def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def fresh_run(tiny_demo, tmp_path_factory):
-    json_dir, images = tiny_demo
-    work = tmp_path_factory.mktemp("run")
-    data = ["--data", str(json_dir), "--data-root", str(images)]
-    p = run(["--fresh", "--epochs", "7", *TINY, *data], work)
-    return work, data, p
 
 
 def test_fresh_run_writes_checkpoints_maps_and_report(fresh_run):

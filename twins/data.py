@@ -182,10 +182,12 @@ def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split
     return train.subset(train_people), train.subset(valid_people)
 
 
-def _load_image(path: Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file is much larger
-        return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
+    """One image (a path or a PIL image) as uint8 (3, size, size), the way the cache holds it."""
+    im = src if isinstance(src, Image.Image) else Image.open(src)
+    if im.format == "JPEG":
+        im.draft("RGB", (size, size))  # decode at reduced scale when the file is much larger
+    return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
 
 
 def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Tensor:
@@ -193,7 +195,7 @@ def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Ten
     n_bytes = len(paths) * 3 * size * size
     print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM")
     cache = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    arrays = parallel(_load_image, paths, size=size, n_workers=min(8, os.cpu_count() or 1), threadpool=True,
+    arrays = parallel(load_face, paths, size=size, n_workers=min(8, os.cpu_count() or 1), threadpool=True,
                       progress=True)
     for i, a in enumerate(arrays):
         cache[i].numpy()[...] = a
@@ -226,6 +228,10 @@ class TwinPairs:
         self.split, self.cache, self.seed, self.fixed = split, cache, seed, fixed
         self.label = torch.tensor([classes.get(split.ids[p], -1) for p in split.person])
         self.resample(0)
+
+    def new_empty(self) -> "TwinPairs":
+        """No people, no images: what `learn.export()` keeps of the data (the transforms stay)."""
+        return TwinPairs(Split([], [], np.zeros(0, dtype=np.int64), []), self.cache[:0], {}, self.seed, self.fixed)
 
     def resample(self, epoch: int):
         if self.fixed and hasattr(self, "partner"):

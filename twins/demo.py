@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 FOREIGN_PREFIX = "/home/demo-user/Work/Dataset/ND_TWIN_demo"  # paths "from the machine that wrote the files"
 CANVAS = 256
-MARK_RADIUS = 0.02  # of the image width  # drawn at 2x, then reduced: anti-aliased edges
+MARK_RADIUS = 0.045  # of the image width: about 6 px at the demo recipe's 64 px
+MARKS_PER_PERSON = 4  # drawn at 2x, then reduced: anti-aliased edges
 
 
 def _family(rng: np.random.Generator) -> dict:
@@ -32,18 +33,15 @@ def _family(rng: np.random.Generator) -> dict:
 MARK_TYPES = ("mole", "freckles", "scar", "birthmark")
 
 
-def _person_marks(rng: np.random.Generator, taken: list[frozenset]) -> dict:
-    """What tells a twin apart: two small marks, of a combination of types no sibling has, at
-    person-specific places on the cheeks and forehead, and one eyebrow's slant."""
-    while True:
-        kinds = frozenset(rng.choice(len(MARK_TYPES), 2, replace=False).tolist())
-        if kinds not in taken:
-            break
-    taken.append(kinds)
-    angle = rng.uniform(0, 2 * math.pi, 2)
-    places = np.stack([0.5 + 0.2 * np.cos(angle), 0.56 + 0.22 * np.sin(angle)], 1)
-    return dict(marks=[(MARK_TYPES[k], p) for k, p in zip(sorted(kinds), places)],
-                brow_tilt=rng.uniform(-0.03, 0.03))
+def _person_marks(rng: np.random.Generator, taken: list[int]) -> dict:
+    """What tells a twin apart: a few small skin marks of a kind no sibling has (moles, freckles,
+    scars or pale birthmarks), at person-specific places, and one eyebrow's slant."""
+    kind = int(rng.choice([k for k in range(len(MARK_TYPES)) if k not in taken]))
+    taken.append(kind)
+    angle = rng.uniform(0, 2 * math.pi, MARKS_PER_PERSON)
+    radius = rng.uniform(0.12, 0.26, MARKS_PER_PERSON)
+    places = np.stack([0.5 + radius * np.cos(angle), 0.58 + 1.1 * radius * np.sin(angle)], 1)
+    return dict(marks=[(MARK_TYPES[kind], p) for p in places], brow_tilt=rng.uniform(-0.03, 0.03))
 
 
 def _draw_mark(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, skin: np.ndarray):

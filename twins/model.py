@@ -35,10 +35,14 @@ def qkv_heads(attn: Attention, x: torch.Tensor):
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v, then merge heads and project: (B, H, M, d) -> (B, M, C)."""
+def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           probs: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v (or `probs` v, when the attention is already computed), then merge
+    heads and project: (B, H, M, d) -> (B, M, C)."""
     drop = attn.attn_drop.p if attn.training else 0.0
-    if attn.fused_attn:
+    if probs is not None:
+        o = probs @ v
+    elif attn.fused_attn:
         o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
     else:
         o = F.dropout((q * attn.scale @ k.transpose(-2, -1)).softmax(-1), drop, attn.training) @ v
@@ -53,9 +57,9 @@ def block_tail(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def head_mean_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) averaged over heads, (B, N, N), without gradient."""
-    return (q * attn.scale @ k.transpose(-2, -1)).softmax(-1).mean(1)
+def attention_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)), (B, H, N, N), without gradient."""
+    return (q * attn.scale @ k.transpose(-2, -1)).softmax(-1)
 
 
 @torch.no_grad()
@@ -145,13 +149,18 @@ class DCAL(nn.Module):
             n = len(x)
             h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
             q, k, val = qkv_heads(blk.attn, h)
+            probs = None
             if self.use_glca:
-                maps.append(head_mean_attention(blk.attn, q[:n], k[:n]))
+                probs = attention_probs(blk.attn, q[:n], k[:n])
+                maps.append(probs.mean(1))
+                # with gradient, the fused kernel recomputes attention (no N x N kept for backward);
+                # without, the probabilities just computed give the output at no extra cost
+                probs = None if torch.is_grad_enabled() else probs
             if x_pw is not None:
                 kd, vd = k[:n][partner].detach(), val[:n][partner].detach()
                 pw = attend(blk.attn, q[n:], torch.cat([k[n:], kd], 2), torch.cat([val[n:], vd], 2))
                 x_pw = block_tail(blk, x_pw, pw)
-            x = block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n]))
+            x = block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n], probs))
         out = {"sa": v.norm(x)[:, 0]}
         if x_pw is not None:
             out["pwca"] = v.norm(x_pw)[:, 0]

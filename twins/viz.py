@@ -42,7 +42,7 @@ def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: 
 
 def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
     """One row per pair: each row dict has img_a, img_b (H, W, 3), heat_a/b, mask_a/b, and a caption."""
-    fig, axes = plt.subplots(len(rows), 2, figsize=(5, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3.2 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows):
         overlay(ax_row[0], r["img_a"], r["heat_a"], r["mask_a"], r["caption_a"])
         overlay(ax_row[1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])

@@ -1,0 +1,154 @@
+"""Benchmark (run by hand, not by pytest): parameters, FLOPs, step times, peak memory and loader speed
+of DCAL against the plain ViT siamese baseline at the same batch.
+
+    python tests/bench.py                                  # the demo recipe
+    python tests/bench.py --arch vit_small_patch16_224 --size 448 --bs 4   # the Kaggle recipe (CPU: slow)
+    python tests/bench.py --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
+"""
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from twins.data import Split, pair_dataloaders  # noqa: E402
+from twins.loss import DCALLoss  # noqa: E402
+from twins.model import DCAL  # noqa: E402
+
+
+def build(arch, size, patch, dcal: bool, fused: bool = True) -> DCAL:
+    m = DCAL(arch, 300, size, pretrained=False, drop_path=0.0, top_r=0.1, glca=dcal, pwca=dcal, patch_size=patch)
+    for blk in list(m.vit.blocks) + ([m.glca_block] if dcal else []):
+        blk.attn.fused_attn = fused
+    return m
+
+
+def batch(bs, size, dev):
+    return (torch.randn(bs, 3, size, size, device=dev), torch.randn(bs, 3, size, size, device=dev),
+            torch.randint(0, 2, (bs,), device=dev).float(), torch.randint(0, 300, (bs,), device=dev),
+            torch.randint(0, 300, (bs,), device=dev))
+
+
+def train_step(model, b, loss_fn):
+    model.train()
+    loss_fn(model(b[0], b[1]), *b[2:]).backward()
+
+
+@torch.no_grad()
+def eval_forward(model, b):
+    model.eval()
+    model.embed(b[0])
+
+
+def flops(fn) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def timed(fn, reps, dev) -> float:
+    fn()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
+def peak_memory_child(args):
+    """Peak memory of one train step, in a fresh process so that the figure is this step's alone."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(args.arch, args.size, args.patch_size, dcal=True, fused=not args.explicit).to(dev)
+    b = batch(args.bs, args.size, dev)
+    with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+        train_step(model, b, DCALLoss())
+    if dev.type == "cuda":
+        print(torch.cuda.max_memory_allocated() / 2**30)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def loader_speed(size, bs, n=2000) -> float:
+    person = np.repeat(np.arange(n // 10), 10)
+    split = Split([str(i) for i in range(n // 10)], [Path(f"{i}.jpg") for i in range(n)], person,
+                  [(i, i + 1) for i in range(0, n // 10, 2)])
+    cache = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    dls = pair_dataloaders(split, None, cache, None, {s: i for i, s in enumerate(split.ids)}, bs, size,
+                           (0.5,) * 3, (0.5,) * 3, seed=0)
+    t = time.perf_counter()
+    pairs = sum(len(b[0]) for b in dls.train)
+    return pairs / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="test_vit")
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--sizes", type=int, nargs="*", help="FLOPs table at these sizes")
+    p.add_argument("--bs", type=int, default=32, help="pairs per batch")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--flops-only", action="store_true")
+    p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--explicit", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_memory:
+        return peak_memory_child(args)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; arch {args.arch}, patch {args.patch_size or 'default'}")
+    loss_fn = DCALLoss()
+    print("\n| size | tokens | params plain | params DCAL | GFLOP train pair plain | GFLOP train pair DCAL | "
+          "GFLOP eval image plain | GFLOP eval image DCAL |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in args.sizes or [args.size]:
+        # explicit attention: same FLOPs, and the counter sees its matmuls (it misses the CPU fused kernel)
+        plain, dcal = (build(args.arch, size, args.patch_size, d, fused=False) for d in (False, True))
+        b1 = batch(1, size, "cpu")
+        row = [size, plain.n_patches + 1, f"{sum(q.numel() for q in plain.parameters()) / 1e6:.2f} M",
+               f"{sum(q.numel() for q in dcal.parameters()) / 1e6:.2f} M"]
+        row += [f"{flops(lambda m=m: train_step(m, b1, loss_fn)) / 1e9:.1f}" for m in (plain, dcal)]
+        row += [f"{flops(lambda m=m: eval_forward(m, b1)) / 1e9:.2f}" for m in (plain, dcal)]
+        print("| " + " | ".join(map(str, row)) + " |")
+    if args.flops_only:
+        return
+    plain = build(args.arch, args.size, args.patch_size, False).to(dev)
+    dcal = build(args.arch, args.size, args.patch_size, True).to(dev)
+    b = batch(args.bs, args.size, dev)
+    amp = torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda")
+    with amp:
+        t = {f"{k} {n}": timed(lambda m=m, f=f: f(m), args.reps, dev)
+             for n, m in (("plain", plain), ("DCAL", dcal))
+             for k, f in (("train", lambda m: train_step(m, b, loss_fn)), ("eval", lambda m: eval_forward(m, b)))}
+    print(f"\nbatch {args.bs} pairs at {args.size}:")
+    for k, v in t.items():
+        print(f"  {k:12s} {1000 * v:9.1f} ms   {2 * args.bs / v:8.1f} images/s")
+    print(f"  ratio train DCAL/plain {t['train DCAL'] / t['train plain']:.2f} (target <= 2.3), "
+          f"eval DCAL/plain {t['eval DCAL'] / t['eval plain']:.2f} (target <= 1.10)")
+    if dev.type == "cuda":
+        counted = build(args.arch, args.size, args.patch_size, True, fused=False).to(dev)
+        tflops = flops(lambda: train_step(counted, b, loss_fn)) / t["train DCAL"] / 1e12
+        print(f"  DCAL train: {tflops:.2f} TFLOP/s achieved")
+    mem = {}
+    for label, extra in (("fused", []), ("explicit", ["--explicit"])):
+        cmd = [sys.executable, __file__, "--child-memory", "--arch", args.arch, "--size", str(args.size),
+               "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
+        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+    unit = "GiB allocated on the GPU" if dev.type == "cuda" else "GiB process peak RSS"
+    print(f"  peak memory of one DCAL train step: fused {mem['fused']:.2f}, explicit softmax {mem['explicit']:.2f} {unit}")
+    pairs_s = loader_speed(args.size, args.bs)
+    print(f"  loader: {pairs_s:.0f} pairs/s from the RAM cache with augmentation "
+          f"({pairs_s / (args.bs / t['train DCAL']):.1f}x what the DCAL train step consumes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""export.py and interpret.py as the user runs them, on the model trained by the session's train.py run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from conftest import ROOT, run
+from twins.app import embed_images
+from twins.data import build_cache, load_dataset
+from twins.inference import model_from_checkpoint
+from twins.loss import DCALLoss
+
+
+def checkpoint_scores(work, json_dir, images, n=6):
+    """Scores of a few test pairs straight from the checkpoint (no export involved)."""
+    model, cfg, _ = model_from_checkpoint(work / "models" / "ep7.pth")
+    test = load_dataset(json_dir, images)["test"]
+    paths = [test.paths[i] for i in range(0, 2 * n)]
+    emb = embed_images(model, build_cache(paths, cfg["size"]))
+    return paths, [float(emb[2 * i] @ emb[2 * i + 1]) for i in range(n)], model, cfg, test
+
+
+def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(fresh_run, tiny_demo):
+    work, _, _ = fresh_run
+    p = run(["--ckpt", "models/ep7", "--out", "models/twins.pkl"], work, script="export.py")
+    assert "Exported models/ep7 (epoch 7) to models/twins.pkl" in p.stdout
+    assert (work / "models" / "twins.pkl").is_file() and not list((work / "models").glob("*.tmp"))
+    paths, expected, _, _, _ = checkpoint_scores(work, *tiny_demo)
+    code = (
+        "import json, sys\n"
+        "from fastai.learner import load_learner\n"
+        "from PIL import Image\n"
+        "from twins.inference import verify\n"
+        "learn = load_learner('models/twins.pkl')\n"
+        "paths = json.loads(sys.argv[1])\n"
+        "res = [verify(learn, paths[i], paths[i + 1]) for i in range(0, len(paths), 2)]\n"
+        "res.append(verify(learn, Image.open(paths[0]), Image.open(paths[1])))\n"
+        "print(json.dumps(res))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for p in paths])], cwd=work,
+                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for r, e in zip(res, expected):
+        assert abs(r["score"] - e) < 1e-5
+        assert r["same"] == (r["score"] >= r["threshold"])
+    assert abs(res[-1]["score"] - expected[0]) < 1e-5  # PIL images score like paths
+    report = json.loads((work / "models" / "test_report.json").read_text())
+    assert abs(res[0]["threshold"] - report["valid"]["eer_threshold"]) < 1e-3  # threshold chosen on validation
+
+
+def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_path):
+    work, _, _ = fresh_run
+    p = run(["--ckpt", "models/ep3"], work, script="export.py", check=False)
+    assert p.returncode != 0 and "checkpoint models/ep3.pth does not exist" in p.stderr
+    torch.save({"model": {}, "something": 1}, tmp_path / "other.pth")
+    p = run(["--ckpt", str(tmp_path / "other.pth")], work, script="export.py", check=False)
+    assert p.returncode != 0 and "is not a twins checkpoint" in p.stderr
+    p = run([], tmp_path, script="export.py", check=False)
+    assert p.returncode != 0 and "no checkpoint ep*.pth in models/" in p.stderr
+
+
+def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo):
+    work, _, _ = fresh_run
+    p = run(["--ckpt", "models/ep7", "-k", "3", "--out", "interp"], work, script="interpret.py")
+    for name in ("top_impostor.png", "top_genuine.png"):
+        assert (work / "interp" / name).stat().st_size > 5000, name
+    listing = json.loads((work / "interp" / "top_losses.json").read_text())
+    _, _, model, cfg, test = checkpoint_scores(work, *tiny_demo)
+    # independently: every twin-impostor pair through the model's own forward and the loss, reduction='none'
+    cache = build_cache(test.paths, cfg["size"])
+    dc = model.data_config
+    norm = lambda x: (x.float() / 255 - torch.tensor(dc["mean"]).view(1, 3, 1, 1)) / torch.tensor(dc["std"]).view(1, 3, 1, 1)
+    imp = [(a, b) for p_, q in test.twin_pairs for a in test.images_of(p_) for b in test.images_of(q)]
+    ia, ib = torch.tensor([a for a, _ in imp]), torch.tensor([b for _, b in imp])
+    with torch.no_grad():
+        out = model.eval()(norm(cache[ia]), norm(cache[ib]))
+        unknown = torch.full((len(imp),), -1)
+        losses = DCALLoss(reduction="none")(out, torch.zeros(len(imp)), unknown, unknown).numpy()
+        scores = (out["emb_a"] * out["emb_b"]).sum(-1).numpy()
+    top = np.argsort(-losses, kind="stable")[:3]
+    expected = [(str(test.paths[imp[i][0]]), str(test.paths[imp[i][1]])) for i in top]
+    got = [(r["image_a"], r["image_b"]) for r in listing["impostor"]]
+    assert got == expected
+    assert np.allclose([r["score"] for r in listing["impostor"]], scores[top], atol=1e-5)
+    assert np.allclose([r["loss"] for r in listing["impostor"]], losses[top], atol=1e-4)
+    # the worst impostors are the ones scored most alike
+    assert min(r["score"] for r in listing["impostor"]) >= np.sort(scores)[-10]
+
+
+def test_interpret_one_given_pair(fresh_run, tiny_demo):
+    work, _, _ = fresh_run
+    paths, expected, _, _, _ = checkpoint_scores(work, *tiny_demo, n=1)
+    p = run(["--ckpt", "models/ep7", "--pair", str(paths[0]), str(paths[1]), "--out", "one"], work,
+            script="interpret.py")
+    assert f"cos {expected[0]:.4f}" in p.stdout
+    assert (work / "one" / "pair.png").stat().st_size > 5000
+    p = run(["--ckpt", "models/ep7", "--pair", "nope.jpg", str(paths[1])], work, script="interpret.py", check=False)
+    assert p.returncode != 0 and "image nope.jpg does not exist" in p.stderr

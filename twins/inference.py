@@ -1,0 +1,163 @@
+"""Inference from a checkpoint or an exported learner: the portable `.pkl`, `verify`, per-pair losses
+and the top-loss twin pairs with their attention heatmaps."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.transforms import IntToFloatTensor
+from fastai.learner import Learner, load_learner
+from fasttransform import Pipeline
+from PIL import Image
+
+from .app import check_compatible, embed_images, load_checkpoint, make_model, split_report
+from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_face, normalizer, split_valid
+from .loss import DCALLoss
+from .metrics import protocol_scores
+
+
+def newest_checkpoint(folder: str | Path) -> Path:
+    found = sorted(Path(folder).glob("ep*.pth"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if not found:
+        raise SystemExit(f"no checkpoint ep*.pth in {folder}/; train first (python train.py --fresh) or pass --ckpt")
+    return found[-1]
+
+
+def model_from_checkpoint(path: str | Path):
+    """(model in eval mode with the checkpoint's weights, the run's config, the training ids)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    model = make_model(cfg, len(ckpt["classes"]), pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"checkpoint {path} does not fit the model its config describes: {e}") from None
+    return model.eval(), cfg, ckpt
+
+
+def load_split(cfg: dict, split: str, data: str | None = None, data_root: str | None = None) -> Split:
+    """One split of the run's data ('train', 'valid' or 'test'); the validation families are the
+    ones the run held out (same --valid-pct and --seed)."""
+    splits = load_dataset(data or cfg["data"], data_root or cfg["data_root"])
+    if split == "test":
+        return splits["test"]
+    train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
+    if split == "valid" and valid is None:
+        raise SystemExit("this run had no validation split (--valid-pct 0)")
+    return valid if split == "valid" else train
+
+
+def validation_threshold(model, cfg: dict, data: str | None = None, data_root: str | None = None):
+    """The verification threshold as training chose it: the EER threshold on the validation twins
+    (on the training twins, flagged, when the run had no validation split)."""
+    has_valid = cfg["valid_pct"] > 0
+    split = load_split(cfg, "valid" if has_valid else "train", data, data_root)
+    rep = split_report(model, split, build_cache(split.paths, cfg["size"], "threshold images"))[0]
+    source = "validation twins (EER threshold)" if has_valid else "training twins (no validation split), optimistic"
+    return rep["eer_threshold"], source
+
+
+def inference_learner(model, cfg: dict, ckpt: dict, threshold: float, source: str) -> Learner:
+    """A Learner holding only what inference needs: the model, the loss, empty loaders with the
+    normalisation, and the run's config, training ids and verification threshold."""
+    dc = model.data_config
+    empty = TwinPairs(Split([], [], np.zeros(0, dtype=np.int64), []),
+                      torch.zeros(0, 3, cfg["size"], cfg["size"], dtype=torch.uint8), {}, 0, fixed=True)
+    tfms = Pipeline([IntToFloatTensor(), normalizer(dc["mean"], dc["std"])], split_idx=1)
+    dls = DataLoaders(PairDL(empty, bs=1, after_batch=tfms), PairDL(empty, bs=1, after_batch=tfms))
+    learn = Learner(dls, model, loss_func=DCALLoss())
+    learn.twins = {"config": cfg, "classes": ckpt["classes"], "epoch": ckpt["epoch"], "threshold": threshold,
+                   "threshold_source": source}
+    return learn
+
+
+def open_learner(path: str | Path) -> Learner:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"exported learner {p} does not exist; run python export.py first")
+    learn = load_learner(p, cpu=not torch.cuda.is_available())
+    if not hasattr(learn, "twins"):
+        raise SystemExit(f"{p} is not a learner exported by export.py")
+    return learn
+
+
+def verify(learn: Learner, img_a, img_b) -> dict:
+    """Score one pair (paths or PIL images): cosine of the DCAL embeddings (SA + GLCA), the decision
+    at the threshold chosen on validation, and the threshold."""
+    size = learn.twins["config"]["size"]
+    faces = torch.stack([torch.from_numpy(load_face(i, size).copy()) for i in (img_a, img_b)])
+    emb = embed_images(learn.model, faces)
+    score = float(emb[0] @ emb[1])
+    return {"score": score, "same": score >= learn.twins["threshold"], "threshold": learn.twins["threshold"]}
+
+
+@torch.no_grad()
+def encode_all(model, cache: torch.Tensor, bs: int = 64) -> dict:
+    """Per image: SA/GLCA class tokens, rollout, GLCA-selected patches (eval mode, no PWCA)."""
+    dc, dev = model.data_config, next(model.parameters()).device
+    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
+    model.eval()
+    parts = []
+    for i in range(0, len(cache), bs):
+        out = model.encode((cache[i:i + bs].to(dev).float() / 255 - mean) / std)
+        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def pair_losses(model, enc: dict, pairs: np.ndarray, genuine: np.ndarray) -> np.ndarray:
+    """The training loss of each pair, with `reduction='none'` (people outside the training ids:
+    the identity terms are off, the twin pair terms remain)."""
+    i, j = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+    out = {"log_vars": model.log_vars.detach().cpu(), "pair_logit": model.pair_logit.detach().cpu()}
+    for branch, head in (("sa", model.sa_head), ("glca", getattr(model, "glca_head", None))):
+        if branch in enc:
+            feat = torch.cat([enc[branch][i], enc[branch][j]])
+            out[f"feat_{branch}"] = feat
+            out[branch] = head.cpu()(feat)
+    unknown = torch.full((len(pairs),), -1)
+    with torch.no_grad():
+        return DCALLoss(reduction="none")(out, torch.from_numpy(genuine).float(), unknown, unknown).numpy()
+
+
+def top_losses(model, split: Split, cache: torch.Tensor, k: int):
+    """The k twin-impostor pairs and the k genuine pairs with the highest loss: (enc, scores, rows)."""
+    enc = encode_all(model, cache)
+    emb = model.embedding({key: enc[key] for key in ("sa", "glca") if key in enc})
+    scores, genuine, pairs = protocol_scores(emb, split.person, split.twin_pairs)
+    losses = pair_losses(model, enc, pairs, genuine)
+    picks = {}
+    for name, mask in (("impostor", ~genuine), ("genuine", genuine)):
+        idx = np.flatnonzero(mask)
+        picks[name] = idx[np.argsort(-losses[idx], kind="stable")[:k]]
+    return enc, scores, genuine, pairs, losses, picks
+
+
+def figure_rows(model, split: Split, cache: torch.Tensor, enc: dict, pairs, scores, genuine, losses, threshold):
+    """Rows for `viz.plot_pairs`: both faces with rollout heatmap and GLCA tokens, score, threshold, truth."""
+    gh, gw = model.vit.patch_embed.grid_size
+    rows = []
+    for (a, b), s, g, l in zip(pairs, scores, genuine, losses):
+        heat = [enc["rollout"][x].view(gh, gw) if "rollout" in enc else torch.ones(gh, gw) for x in (a, b)]
+        mask = [torch.zeros(gh * gw).scatter_(0, enc["selected"][x], 1.0).view(gh, gw) if "selected" in enc
+                else torch.zeros(gh, gw) for x in (a, b)]
+        verdict = "same" if s >= threshold else "different"
+        truth = "same person" if g else "twins"
+        rows.append(dict(img_a=cache[a].permute(1, 2, 0).numpy() / 255, img_b=cache[b].permute(1, 2, 0).numpy() / 255,
+                         heat_a=heat[0], heat_b=heat[1], mask_a=mask[0], mask_b=mask[1],
+                         caption_a=f"{split.ids[split.person[a]]}  {split.paths[a].name}\n"
+                                   f"cos {s:.3f}, threshold {threshold:.3f}",
+                         caption_b=f"{split.ids[split.person[b]]}  {split.paths[b].name}\n"
+                                   f"says {verdict}; truth: {truth}; loss {l:.2f}"))
+    return rows
+
+
+def single_pair(model, paths: list[str], size: int) -> tuple[Split, torch.Tensor]:
+    """A two-image 'split' for the one-pair mode."""
+    for p in paths:
+        if not Path(p).is_file():
+            raise SystemExit(f"image {p} does not exist")
+    cache = torch.stack([torch.from_numpy(load_face(Image.open(p), size).copy()) for p in paths])
+    return Split(["image 1", "image 2"], [Path(p) for p in paths], np.array([0, 1]), []), cache
