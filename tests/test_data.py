@@ -203,3 +203,32 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     # validation batches are the cached images in order, without augmentation
     first = ((caches[1][:6].float() / 255) - 0.5) / 0.5
     assert torch.allclose(va[0][0], first, atol=1e-6)
+
+
+def test_show_batch_draws_pairs_with_same_or_twin_titles(tiny_demo):
+    import matplotlib
+    matplotlib.use("Agg")
+    json_dir, root = tiny_demo
+    tr = load_dataset(json_dir, root)["train"]
+    dls = pair_dataloaders(tr, None, build_cache(tr.paths, 32), None, {p: i for i, p in enumerate(tr.ids)},
+                           bs=6, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
+    b = dls.train.one_batch()
+    axes = dls.train.show_batch(b, max_n=4)
+    assert axes.shape == (4, 2)
+    assert [a.get_title() for a in axes[:, 1]] == ["same" if s > 0.5 else "twin" for s in b[2][:4]]
+
+
+def test_demo_records_where_the_marks_are():
+    from twins.demo import MARK_RADIUS, _family, _person_marks, draw_face
+    rng = np.random.default_rng(5)
+    fam, marks = _family(rng), _person_marks(rng, [])
+    with_marks, places = draw_face(fam, marks, np.random.default_rng(9), 128)
+    without, _ = draw_face(fam, {**marks, "marks": []}, np.random.default_rng(9), 128)  # same pose and light
+    diff = np.abs(np.asarray(with_marks, float) - np.asarray(without, float)).sum(-1)
+    assert len(places) == len(marks["marks"])
+    for x, y in places:
+        px, py = int(round(x * 128)), int(round(y * 128))
+        assert diff[max(py - 4, 0):py + 5, max(px - 4, 0):px + 5].max() > 60  # a mark is drawn there
+    yy, xx = np.nonzero(diff > 60)
+    near = [min(np.hypot(x * 128 - a, y * 128 - b) for x, y in places) for a, b in zip(xx, yy)]
+    assert max(near) < 2 * MARK_RADIUS * 128 / 0.88  # nowhere else: a mark spans 2 radii, zoomed by <= 1/0.88

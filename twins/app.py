@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from fastai.learner import Learner
 from fastai.optimizer import Adam
+from fastai.torch_core import to_device
 
 from .callbacks import (WANDB_ENTITY, AttentionMaps, BranchLogger, Checkpoint, TimmWeightDecay, Wandb, start_wandb, twin_sample,
                         wandb_run)
@@ -22,7 +23,7 @@ from .model import DCAL, check_cuda_arch
 KAGGLE = dict(arch="vit_small_patch16_224.augreg_in21k_ft_in1k", size=448, patch_size=None, pretrained=True,
               epochs=40, bs=16, lr=1e-4, wd=0.05, drop_path=0.1, top_r=0.1)
 # The CPU demo recipe: a small ViT from scratch on the generated set, a few minutes on 2 cores.
-DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30, bs=32, lr=2e-3, wd=0.05,
+DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30, bs=16, lr=2e-3, wd=0.05,
             drop_path=0.0, top_r=0.2)
 # Everything else a run is configured by.
 DEFAULTS = dict(data="data_json", data_root=None, demo=False, valid_pct=0.1, seed=42, out="models", map_every=5,
@@ -176,8 +177,10 @@ def train(cfg: dict, resume: str | None = None) -> dict:
     learn = make_learner(cfg, data, model)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        model.to(device())
         learn.create_opt()
-        learn.opt.load_state_dict(ckpt["opt"])
+        learn.opt.load_state_dict(to_device(ckpt["opt"], device()))
+        learn.dls.train.n_epochs_seen = start  # the pairs of epoch start+1 are those of the uninterrupted run
         print(f"Resuming from {checkpoint_path(resume)}: epoch {start} of {cfg['epochs']} done")
     run = start_wandb(cfg, cfg["wandb_project"], cfg["wandb_entity"], not cfg["no_wandb"],
                       ckpt.get("wandb_id") if ckpt else None)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, dispatch, show_batch
 from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage
+from fastai.torch_core import TensorImage, show_image
+from fastcore.basics import fastuple
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
@@ -265,6 +266,30 @@ class PairDL(DataLoader):
         a = torch.as_tensor(b)
         p = ds.partner[a]
         return (TensorImage(ds.cache[a]), TensorImage(ds.cache[p]), ds.same[a].float(), ds.label[a], ds.label[p])
+
+
+    def show_batch(self, b=None, max_n: int = 6, **kwargs):
+        """Pairs side by side, titled "same" or "twin" (fastai's `show_batch`, dispatched on `TwinPair`)."""
+        xa, xb, *targets = self.after_batch.decode(self.one_batch() if b is None else b)
+        return show_batch(TwinPair(xa, xb), targets, None, max_n=max_n, **kwargs)
+
+
+class TwinPair(fastuple):
+    """The two image batches of a pair batch, as fastai's `show_batch` sees them."""
+
+
+@dispatch
+def show_batch(x: TwinPair, y, samples, ctxs=None, max_n=6, figsize=None, **kwargs):
+    import matplotlib.pyplot as plt
+    xa, xb = x
+    same = y[0]
+    n = min(len(xa), max_n)
+    fig, axes = plt.subplots(n, 2, figsize=figsize or (4, 2 * n), squeeze=False)
+    for i in range(n):
+        show_image(xa[i], ax=axes[i, 0], title="anchor")
+        show_image(xb[i], ax=axes[i, 1], title="same" if same[i] > 0.5 else "twin")
+    fig.tight_layout()
+    return axes
 
 
 class PairAugment(ItemTransform):

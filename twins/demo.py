@@ -60,8 +60,9 @@ def _draw_mark(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, skin: np.n
                   fill=tuple(int(v) for v in np.minimum(255, skin * 0.5 + 128)))
 
 
-def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> Image.Image:
-    """One photo of a person: the face, then a random pose, expression, light, blur."""
+def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> tuple[Image.Image, list]:
+    """One photo of a person: the face, then a random pose, expression, light, blur. Also returns
+    where the marks ended up, as (x, y) fractions of the photo's width and height."""
     c = CANVAS
     img = Image.new("RGB", (c, c), tuple(int(v) for v in fam["bg"] + rng.normal(0, 8, 3)))
     d = ImageDraw.Draw(img)
@@ -88,13 +89,17 @@ def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> Im
            fill=(150, 60, 60), width=4)
     for kind, (mx, my_) in marks["marks"]:
         _draw_mark(d, kind, mx, my_, fam["skin"])
-    img = img.rotate(rng.uniform(-7, 7), resample=Image.BICUBIC,
-                     translate=tuple(rng.uniform(-0.03, 0.03, 2) * c), fillcolor=tuple(int(v) for v in fam["bg"]))
+    angle, shift = rng.uniform(-7, 7), rng.uniform(-0.03, 0.03, 2) * c
+    img = img.rotate(angle, resample=Image.BICUBIC, translate=tuple(shift), fillcolor=tuple(int(v) for v in fam["bg"]))
     zoom = rng.uniform(0.0, 0.06) * c
     img = img.crop((zoom, zoom, c - zoom, c - zoom)).resize((size, size), Image.BICUBIC)
+    t, h = math.radians(angle), c / 2  # PIL rotates counter-clockwise about the centre, then translates
+    places = [((h + (x * c - h) * math.cos(t) + (y * c - h) * math.sin(t) + shift[0] - zoom) / (c - 2 * zoom),
+               (h - (x * c - h) * math.sin(t) + (y * c - h) * math.cos(t) + shift[1] - zoom) / (c - 2 * zoom))
+              for _, (x, y) in marks["marks"]]
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.2))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.15))
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7)))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7))), places
 
 
 def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
@@ -108,17 +113,18 @@ def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
     return fams
 
 
-def make_demo(out: str | Path, n_train_families: int = 32, n_test_families: int = 10,
-              images_per_person: tuple[int, int] = (6, 10), size: int = 128, seed: int = 0) -> Path:
-    """Write `out/images/<id>/<id>d<k>.jpg` and `out/data_json/*.json`; returns the JSON folder.
+def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int = 12,
+              images_per_person: tuple[int, int] = (4, 8), size: int = 128, seed: int = 0) -> Path:
+    """Write `out/images/<id>/<id>d<k>.jpg`, `out/data_json/*.json` and `out/marks.json` (where each
+    photo's marks are, for measuring where the heatmaps look); returns the JSON folder.
     Deterministic in `seed`; skips the work when the set is already there."""
     out = Path(out)
     json_dir = out / "data_json"
-    if (json_dir / "test_twin_pairs.json").is_file():
+    if (out / "marks.json").is_file():  # written last: the set is complete
         return json_dir
     rng = np.random.default_rng(seed)
     json_dir.mkdir(parents=True, exist_ok=True)
-    first = 90003
+    first, mark_places = 90003, {}
     for split, n_fam in (("train", n_train_families), ("test", n_test_families)):
         info, pairs = {}, []
         for fam_ids in _ids(n_fam, first, triplet=(split == "train")):
@@ -130,11 +136,14 @@ def make_demo(out: str | Path, n_train_families: int = 32, n_test_families: int 
                 info[pid] = []
                 for k in range(int(rng.integers(images_per_person[0], images_per_person[1] + 1))):
                     name = f"{pid}d{13 + 2 * k}.jpg"
-                    draw_face(fam, marks, rng, size).save(folder / name, quality=int(rng.integers(85, 96)))
+                    img, places = draw_face(fam, marks, rng, size)
+                    img.save(folder / name, quality=int(rng.integers(85, 96)))
+                    mark_places[f"{pid}/{name}"] = places
                     info[pid].append(f"{FOREIGN_PREFIX}/{pid}/{name}")
             pairs += [[a, b] for i, a in enumerate(fam_ids) for b in fam_ids[i + 1:]]
             first = int(fam_ids[-1]) + 1
         first += 1000
         (json_dir / f"{split}_dataset_infor.json").write_text(json.dumps(info, indent=1))
         (json_dir / f"{split}_twin_pairs.json").write_text(json.dumps(pairs))
+    (out / "marks.json").write_text(json.dumps({"mark_radius": MARK_RADIUS, "marks": mark_places}))
     return json_dir
