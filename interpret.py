@@ -17,7 +17,8 @@ import numpy as np
 from twins.callbacks import wandb_run
 from twins.data import DataError, build_cache
 from twins.inference import (figure_rows, load_split, model_from_checkpoint, newest_checkpoint, open_learner,
-                             single_pair, top_losses, encode_all)
+                             single_pair, top_losses)
+from twins.app import encode_all
 from twins.viz import plot_pairs
 
 
@@ -45,7 +46,7 @@ def main(argv=None):
     if args.pair:
         split, cache = single_pair(model, args.pair, cfg["size"])
         enc = encode_all(model, cache)
-        emb = model.embedding({k: enc[k] for k in ("sa", "glca") if k in enc})
+        emb = model.embedding(enc)
         pairs, score = np.array([[0, 1]]), np.array([float(emb[0] @ emb[1])])
         same = score >= threshold
         rows = figure_rows(model, split, cache, enc, pairs, score, same, np.zeros(1), threshold)

@@ -2,7 +2,7 @@
 of DCAL against the plain ViT siamese baseline at the same batch.
 
     python tests/bench.py                                  # the demo recipe
-    python tests/bench.py --arch vit_small_patch16_224 --size 448 --bs 4   # the Kaggle recipe (CPU: slow)
+    python tests/bench.py --arch vit_small_patch16_224 --patch-size 16 --size 224 --bs 4 --reps 2
     python tests/bench.py --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
 """
 import argparse
@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from twins.app import DEMO  # noqa: E402
 from twins.data import Split, pair_dataloaders  # noqa: E402
 from twins.loss import DCALLoss  # noqa: E402
 from twins.model import DCAL  # noqa: E402
@@ -91,11 +92,11 @@ def loader_speed(size, bs, n=2000) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="test_vit")
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--arch", default=DEMO["arch"])
+    p.add_argument("--patch-size", type=int, default=DEMO["patch_size"])
+    p.add_argument("--size", type=int, default=DEMO["size"])
     p.add_argument("--sizes", type=int, nargs="*", help="FLOPs table at these sizes")
-    p.add_argument("--bs", type=int, default=32, help="pairs per batch")
+    p.add_argument("--bs", type=int, default=DEMO["bs"], help="pairs per batch")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--flops-only", action="store_true")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from twins.data import build_cache  # noqa: E402
-from twins.inference import (encode_all, load_split, model_from_checkpoint, newest_checkpoint,  # noqa: E402
+from twins.app import encode_all  # noqa: E402
+from twins.inference import (load_split, model_from_checkpoint, newest_checkpoint,  # noqa: E402
                              validation_threshold)
 from twins.metrics import protocol_scores  # noqa: E402
 
@@ -43,7 +44,7 @@ def main():
     threshold, _ = validation_threshold(model, cfg)
     test = load_split(cfg, "test")
     enc = encode_all(model, build_cache(test.paths, cfg["size"], "test images"))
-    emb = model.embedding({k: enc[k] for k in ("sa", "glca")})
+    emb = model.embedding(enc)
     scores, genuine, pairs = protocol_scores(emb, test.person, test.twin_pairs)
     rejected = pairs[(~genuine) & (scores < threshold)]
     images = np.unique(rejected)

@@ -65,7 +65,7 @@ def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_
 
 def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo):
     work, _, _ = fresh_run
-    p = run(["--ckpt", "models/ep7", "-k", "3", "--out", "interp"], work, script="interpret.py")
+    run(["--ckpt", "models/ep7", "-k", "3", "--out", "interp"], work, script="interpret.py")
     for name in ("top_impostor.png", "top_genuine.png"):
         assert (work / "interp" / name).stat().st_size > 5000, name
     listing = json.loads((work / "interp" / "top_losses.json").read_text())

@@ -107,17 +107,23 @@ def check_compatible(ckpt: dict, cfg: dict, classes: list[str], source: str) -> 
 
 
 @torch.no_grad()
-def embed_images(model: DCAL, cache: torch.Tensor, bs: int = 64) -> torch.Tensor:
-    """Embeddings of every cached image: SA + GLCA, no PWCA, no augmentation."""
+def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
+    """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
+    rollout, GLCA-selected patches, on the CPU."""
     dc, dev = model.data_config, next(model.parameters()).device
     mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
     model.eval()
-    out = []
+    parts = []
     for i in range(0, len(cache), bs):
-        x = (cache[i:i + bs].to(dev).float() / 255 - mean) / std
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            out.append(model.embed(x).float().cpu())
-    return torch.cat(out)
+            out = model.encode((cache[i:i + bs].to(dev).float() / 255 - mean) / std)
+        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:
+    """The verification embedding of every cached image."""
+    return model.embedding(encode_all(model, cache))
 
 
 def split_report(model: DCAL, split: Split, cache: torch.Tensor, threshold: float | None = None):

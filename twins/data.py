@@ -279,7 +279,7 @@ class TwinPair(fastuple):
 
 
 @dispatch
-def show_batch(x: TwinPair, y, samples, ctxs=None, max_n=6, figsize=None, **kwargs):
+def show_batch(x: TwinPair, y, samples, ctxs=None, max_n=6, figsize=None, **kwargs):  # noqa: F811 (a dispatch case)
     import matplotlib.pyplot as plt
     xa, xb = x
     same = y[0]

@@ -13,7 +13,7 @@ from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 from PIL import Image
 
-from .app import check_compatible, embed_images, load_checkpoint, make_model, split_report
+from .app import embed_images, encode_all, load_checkpoint, make_model, split_report
 from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_face, normalizer, split_valid
 from .loss import DCALLoss
 from .metrics import protocol_scores
@@ -94,19 +94,6 @@ def verify(learn: Learner, img_a, img_b) -> dict:
     return {"score": score, "same": score >= learn.twins["threshold"], "threshold": learn.twins["threshold"]}
 
 
-@torch.no_grad()
-def encode_all(model, cache: torch.Tensor, bs: int = 64) -> dict:
-    """Per image: SA/GLCA class tokens, rollout, GLCA-selected patches (eval mode, no PWCA)."""
-    dc, dev = model.data_config, next(model.parameters()).device
-    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
-    model.eval()
-    parts = []
-    for i in range(0, len(cache), bs):
-        out = model.encode((cache[i:i + bs].to(dev).float() / 255 - mean) / std)
-        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
 def pair_losses(model, enc: dict, pairs: np.ndarray, genuine: np.ndarray) -> np.ndarray:
     """The training loss of each pair, with `reduction='none'` (people outside the training ids:
     the identity terms are off, the twin pair terms remain)."""
@@ -125,7 +112,7 @@ def pair_losses(model, enc: dict, pairs: np.ndarray, genuine: np.ndarray) -> np.
 def top_losses(model, split: Split, cache: torch.Tensor, k: int):
     """The k twin-impostor pairs and the k genuine pairs with the highest loss: (enc, scores, rows)."""
     enc = encode_all(model, cache)
-    emb = model.embedding({key: enc[key] for key in ("sa", "glca") if key in enc})
+    emb = model.embedding(enc)
     scores, genuine, pairs = protocol_scores(emb, split.person, split.twin_pairs)
     losses = pair_losses(model, enc, pairs, genuine)
     picks = {}

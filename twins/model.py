@@ -15,7 +15,6 @@ kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax refere
 from __future__ import annotations
 
 import copy
-import math
 
 import timm
 import torch

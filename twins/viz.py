@@ -48,7 +48,7 @@ def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
         overlay(ax_row[1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(rows))) if title else None)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
