@@ -201,8 +201,7 @@ def train(cfg: dict, resume: str | None = None) -> dict:
         images = torch.cat([cache[[a for a, _ in picks]], cache[[b for _, b in picks]]])
         captions = [(f"{sample_split.ids[sample_split.person[a]]}", f"twin {sample_split.ids[sample_split.person[b]]}")
                     for a, b in picks]
-        mean, std = model.data_config["mean"], model.data_config["std"]
-        cbs.append(AttentionMaps(images, captions, out / "maps", cfg["map_every"], mean, std))
+        cbs.append(AttentionMaps(images, captions, out / "maps", cfg["map_every"]))
     learn.fit_one_cycle(cfg["epochs"], cfg["lr"], cbs=cbs, start_epoch=start)
     report = evaluate(learn.model, data, out)
     t = report["test"]

@@ -42,7 +42,8 @@ class BranchLogger(Callback):
         self.sums, self.count = {}, 0
 
     def after_batch(self):
-        last = {k: v.item() for k, v in self.learn.loss_func.last.items()}
+        last = self.learn.loss_func.last
+        last = dict(zip(last, torch.stack(list(last.values())).tolist()))  # one device sync, not six
         for k, v in last.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
@@ -102,10 +103,8 @@ class AttentionMaps(Callback):
     patches for fixed twin pairs, saved as PNG under `folder` and logged to W&B."""
     order, run_train = 62, False
 
-    def __init__(self, images: torch.Tensor, captions: list[tuple[str, str]], folder: Path, every: int,
-                 mean, std):
+    def __init__(self, images: torch.Tensor, captions: list[tuple[str, str]], folder: Path, every: int):
         self.images, self.captions, self.folder, self.every = images, captions, Path(folder), every
-        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def before_epoch(self):
         self.trained = False
@@ -117,17 +116,17 @@ class AttentionMaps(Callback):
         done = self.epoch + 1
         if not self.trained or not self.model.use_glca or (done % self.every and done != self.n_epoch):
             return
-        from .viz import attention_maps, plot_pairs
-        x = self.images.float() / 255
-        dev = next(self.model.parameters()).device
-        emb, heat, mask = attention_maps(self.model, ((x - self.mean) / self.std).to(dev))
-        emb, heat, mask = emb.cpu(), heat.cpu(), mask.cpu()
-        n = len(self.captions)
-        score = (emb[:n] * emb[n:]).sum(-1)
-        imgs = x.permute(0, 2, 3, 1).numpy()
-        rows = [dict(img_a=imgs[i], img_b=imgs[n + i], heat_a=heat[i], heat_b=heat[n + i], mask_a=mask[i],
-                     mask_b=mask[n + i], caption_a=self.captions[i][0],
-                     caption_b=f"{self.captions[i][1]}  cos {score[i]:.3f}") for i in range(n)]
+        from .app import encode_all
+        from .viz import maps_of, plot_pairs
+        enc = encode_all(self.model, self.images)
+        emb, n = self.model.embedding(enc), len(self.captions)
+        imgs = self.images.permute(0, 2, 3, 1).numpy() / 255
+        rows = []
+        for i in range(n):
+            (heat_a, mask_a), (heat_b, mask_b) = maps_of(self.model, enc, i), maps_of(self.model, enc, n + i)
+            rows.append(dict(img_a=imgs[i], img_b=imgs[n + i], heat_a=heat_a, heat_b=heat_b, mask_a=mask_a,
+                             mask_b=mask_b, caption_a=self.captions[i][0],
+                             caption_b=f"{self.captions[i][1]}  cos {float(emb[i] @ emb[n + i]):.3f}"))
         path = self.folder / f"ep{done}.png"
         plot_pairs(rows, path, title=f"twin pairs, epoch {done}: rollout + GLCA tokens")
         if (run := wandb_run()) is not None:

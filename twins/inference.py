@@ -17,6 +17,7 @@ from .app import embed_images, encode_all, load_checkpoint, make_model, split_re
 from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_face, normalizer, split_valid
 from .loss import DCALLoss
 from .metrics import protocol_scores
+from .viz import maps_of
 
 
 def newest_checkpoint(folder: str | Path) -> Path:
@@ -124,16 +125,13 @@ def top_losses(model, split: Split, cache: torch.Tensor, k: int):
 
 def figure_rows(model, split: Split, cache: torch.Tensor, enc: dict, pairs, scores, genuine, losses, threshold):
     """Rows for `viz.plot_pairs`: both faces with rollout heatmap and GLCA tokens, score, threshold, truth."""
-    gh, gw = model.vit.patch_embed.grid_size
     rows = []
     for (a, b), s, g, l in zip(pairs, scores, genuine, losses):
-        heat = [enc["rollout"][x].view(gh, gw) if "rollout" in enc else torch.ones(gh, gw) for x in (a, b)]
-        mask = [torch.zeros(gh * gw).scatter_(0, enc["selected"][x], 1.0).view(gh, gw) if "selected" in enc
-                else torch.zeros(gh, gw) for x in (a, b)]
+        (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, a), maps_of(model, enc, b)
         verdict = "same" if s >= threshold else "different"
         truth = "same person" if g else "twins"
         rows.append(dict(img_a=cache[a].permute(1, 2, 0).numpy() / 255, img_b=cache[b].permute(1, 2, 0).numpy() / 255,
-                         heat_a=heat[0], heat_b=heat[1], mask_a=mask[0], mask_b=mask[1],
+                         heat_a=heat_a, heat_b=heat_b, mask_a=mask_a, mask_b=mask_b,
                          caption_a=f"{split.ids[split.person[a]]}  {split.paths[a].name}\n"
                                    f"cos {s:.3f}, threshold {threshold:.3f}",
                          caption_b=f"{split.ids[split.person[b]]}  {split.paths[b].name}\n"

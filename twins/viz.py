@@ -12,17 +12,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-@torch.no_grad()
-def attention_maps(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(embedding, rollout map (B, gh, gw), GLCA-selected mask (B, gh, gw)) for normalised images."""
-    was_training = model.training
-    model.eval()
-    out = model.encode(x)
-    model.train(was_training)
+def maps_of(model, enc: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image `i`'s rollout heatmap and GLCA-selected mask, both (gh, gw), from `app.encode_all` output."""
     gh, gw = model.vit.patch_embed.grid_size
-    roll = out["rollout"].float()
-    mask = torch.zeros_like(roll).scatter_(1, out["selected"], 1.0)
-    return model.embedding(out), roll.view(-1, gh, gw), mask.view(-1, gh, gw)
+    if "rollout" not in enc:  # a model trained without GLCA has neither
+        return torch.ones(gh, gw), torch.zeros(gh, gw)
+    mask = torch.zeros(gh * gw).scatter_(0, enc["selected"][i], 1.0)
+    return enc["rollout"][i].view(gh, gw), mask.view(gh, gw)
 
 
 def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: str):
