@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> d
     if both:
         raise DataError(f"{json_dir}: ids in both train and test ({_examples(both)}); splits must be disjoint")
     all_paths = [p for info, _ in raw.values() for ps in info.values() for p in ps]
-    dup = sorted({p for p in all_paths if all_paths.count(p) > 1}) if len(set(all_paths)) < len(all_paths) else []
+    dup = sorted(p for p, n in Counter(all_paths).items() if n > 1)
     if dup:
         raise DataError(f"{json_dir}: image paths listed more than once ({_examples(dup)})")
     root = Path(data_root) if data_root is not None else None
@@ -230,9 +231,14 @@ class TwinPairs:
         self.label = torch.tensor([classes.get(split.ids[p], -1) for p in split.person])
         self.resample(0)
 
-    def new_empty(self) -> "TwinPairs":
-        """No people, no images: what `learn.export()` keeps of the data (the transforms stay)."""
-        return TwinPairs(Split([], [], np.zeros(0, dtype=np.int64), []), self.cache[:0], {}, self.seed, self.fixed)
+    @classmethod
+    def empty(cls, size: int) -> "TwinPairs":
+        """No people, no images: what an exported learner keeps of the data (the transforms stay)."""
+        return cls(Split([], [], np.zeros(0, dtype=np.int64), []), torch.zeros(0, 3, size, size, dtype=torch.uint8),
+                   {}, seed=0, fixed=True)
+
+    def new_empty(self) -> "TwinPairs":  # what fastai's `learn.export()` calls
+        return TwinPairs.empty(self.cache.shape[-1])
 
     def resample(self, epoch: int):
         if self.fixed and hasattr(self, "partner"):

@@ -65,8 +65,7 @@ def inference_learner(model, cfg: dict, ckpt: dict, threshold: float, source: st
     """A Learner holding only what inference needs: the model, the loss, empty loaders with the
     normalisation, and the run's config, training ids and verification threshold."""
     dc = model.data_config
-    empty = TwinPairs(Split([], [], np.zeros(0, dtype=np.int64), []),
-                      torch.zeros(0, 3, cfg["size"], cfg["size"], dtype=torch.uint8), {}, 0, fixed=True)
+    empty = TwinPairs.empty(cfg["size"])
     tfms = Pipeline([IntToFloatTensor(), normalizer(dc["mean"], dc["std"])], split_idx=1)
     dls = DataLoaders(PairDL(empty, bs=1, after_batch=tfms), PairDL(empty, bs=1, after_batch=tfms))
     learn = Learner(dls, model, loss_func=DCALLoss())
