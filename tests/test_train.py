@@ -79,3 +79,14 @@ def test_bad_data_stops_before_training(tmp_path, tiny_demo):
     assert p.returncode != 0
     assert "Data error:" in p.stderr and "images not found as written; pass --data-root" in p.stderr
     assert not (tmp_path / "models").exists()
+
+
+def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp_path, tiny_demo):
+    json_dir, images = tiny_demo
+    k = TINY.index("--valid-pct")
+    tiny = TINY[:k] + TINY[k + 2:]
+    run(["--fresh", "--epochs", "1", *tiny, "--valid-pct", "0", "--data", str(json_dir), "--data-root", str(images)],
+        tmp_path, mode="disabled")
+    report = json.loads((tmp_path / "models" / "test_report.json").read_text())
+    assert report["valid"] is None
+    assert report["test"]["threshold_source"].startswith("training twins (no validation split")
