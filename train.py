@@ -19,12 +19,12 @@ def parse_args(argv=None):
     k = KAGGLE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--fresh", action="store_true", help="train from scratch (from pretrained backbone weights)")
+    mode.add_argument("--fresh", action="store_true", help="start a new run (from the arch's pretrained weights)")
     mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint, e.g. models/ep20 (.pth optional); "
                       "the run's settings come from the checkpoint")
     p.add_argument("--epochs", type=int, help=f"total epochs of the one-cycle schedule (default {k['epochs']}; demo {DEMO['epochs']})")
     p.add_argument("--lr", type=float, help=f"peak learning rate of the one-cycle schedule (default {k['lr']}; demo {DEMO['lr']})")
-    p.add_argument("--bs", type=int, help=f"pairs per batch (default {k['bs']}: fits 16 GB at 448 in fp16; demo {DEMO['bs']})")
+    p.add_argument("--bs", type=int, help=f"pairs per batch (default {k['bs']}: about 10-11 GB at 448 in fp16, estimated; demo {DEMO['bs']})")
     p.add_argument("--size", type=int, help=f"square input size in pixels (default {k['size']}; demo {DEMO['size']})")
     p.add_argument("--arch", help=f"timm ViT with a class token (default {k['arch']}; demo {DEMO['arch']})")
     p.add_argument("--patch-size", type=int, help="override the backbone's patch size (default: the arch's own; demo 8)")
