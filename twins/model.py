@@ -96,7 +96,7 @@ class DCAL(nn.Module):
                 isinstance(b.attn, Attention) and b.attn.gate is None for b in v.blocks):
             raise ValueError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
                              "blocks (vit_*, deit_*)")
-        self.use_glca, self.use_pwca, self.top_r = glca, pwca, top_r
+        self.use_glca, self.use_pwca = glca, pwca
         self.n_patches = v.patch_embed.num_patches
         self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
         dim = v.embed_dim
@@ -143,7 +143,7 @@ class DCAL(nn.Module):
         x = self.tokens(x)
         x_pw = x if partner is not None else None
         maps, last_in = [], x
-        for i, blk in enumerate(v.blocks):
+        for blk in v.blocks:
             last_in = x
             n = len(x)
             h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
