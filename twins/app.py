@@ -131,18 +131,24 @@ def split_report(model: DCAL, split: Split, cache: torch.Tensor, threshold: floa
     return verification_report(scores, genuine, threshold), scores, genuine, pairs
 
 
+def choose_threshold(model: DCAL, split: Split, cache: torch.Tensor, is_valid: bool) -> tuple[float, str, dict]:
+    """The verification threshold: the EER threshold on the validation twins, or on the training
+    twins (flagged as optimistic) when the run has no validation split. Returns (threshold, source, report)."""
+    rep = split_report(model, split, cache)[0]
+    source = ("validation twins (EER threshold)" if is_valid
+              else "training twins (no validation split: --valid-pct 0), optimistic")
+    return rep["eer_threshold"], source, rep
+
+
 def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
     """Test on the twins-only protocol, at the threshold chosen on validation (the validation EER
     threshold; the training twins' when there is no validation split). Writes JSON + ROC PNG."""
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
-    if data.valid is not None:
-        valid, _, _, _ = split_report(model, data.valid, data.caches["valid"])
-        chosen, source = valid["eer_threshold"], "validation twins (EER threshold)"
-    else:
-        valid = None
-        chosen = split_report(model, data.train, data.caches["train"])[0]["eer_threshold"]
-        source = "training twins (no validation split: --valid-pct 0), optimistic"
+    has_valid = data.valid is not None
+    chosen, source, rep = choose_threshold(model, data.valid if has_valid else data.train,
+                                           data.caches["valid" if has_valid else "train"], has_valid)
+    valid = rep if has_valid else None
     test, scores, genuine, _ = split_report(model, data.test, data.caches["test"], chosen)
     test["threshold_source"] = source
     test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only

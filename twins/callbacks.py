@@ -116,7 +116,7 @@ class AttentionMaps(Callback):
         done = self.epoch + 1
         if not self.trained or not self.model.use_glca or (done % self.every and done != self.n_epoch):
             return
-        from .app import encode_all
+        from .app import encode_all  # here, not at the top: app imports this module
         from .viz import maps_of, plot_pairs
         enc = encode_all(self.model, self.images)
         emb, n = self.model.embedding(enc), len(self.captions)

@@ -13,7 +13,7 @@ from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 from PIL import Image
 
-from .app import embed_images, encode_all, load_checkpoint, make_model, split_report
+from .app import choose_threshold, embed_images, encode_all, load_checkpoint, make_model
 from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_face, normalizer, split_valid
 from .loss import DCALLoss
 from .metrics import protocol_scores
@@ -56,9 +56,9 @@ def validation_threshold(model, cfg: dict, data: str | None = None, data_root: s
     (on the training twins, flagged, when the run had no validation split)."""
     has_valid = cfg["valid_pct"] > 0
     split = load_split(cfg, "valid" if has_valid else "train", data, data_root)
-    rep = split_report(model, split, build_cache(split.paths, cfg["size"], "threshold images"))[0]
-    source = "validation twins (EER threshold)" if has_valid else "training twins (no validation split), optimistic"
-    return rep["eer_threshold"], source
+    threshold, source, _ = choose_threshold(model, split, build_cache(split.paths, cfg["size"], "threshold images"),
+                                            has_valid)
+    return threshold, source
 
 
 def inference_learner(model, cfg: dict, ckpt: dict, threshold: float, source: str) -> Learner:
