@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from fastai.learner import Learner
 from fastai.optimizer import Adam
-from fastai.torch_core import to_device
+from fastai.torch_core import set_seed, to_device
 
 from .callbacks import (WANDB_ENTITY, AttentionMaps, BranchLogger, Checkpoint, TimmWeightDecay, Wandb, start_wandb, twin_sample,
                         wandb_run)
@@ -175,7 +175,7 @@ def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
 def train(cfg: dict, resume: str | None = None) -> dict:
     """Fresh training (resume=None) or continuation from a checkpoint; returns the test report."""
     check_cuda_arch()
-    torch.manual_seed(cfg["seed"])
+    set_seed(cfg["seed"])  # python, numpy and torch: fastai's shuffling draws from python's random
     ckpt = load_checkpoint(resume) if resume else None
     data = prepare_data(cfg)
     start = 0
