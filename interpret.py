@@ -17,7 +17,7 @@ import numpy as np
 from twins.callbacks import wandb_run
 from twins.data import DataError, build_cache
 from twins.inference import (figure_rows, load_split, model_from_checkpoint, newest_checkpoint, open_learner,
-                             single_pair, top_losses)
+                             single_pair, top_losses, validation_threshold)
 from twins.app import encode_all
 from twins.viz import plot_pairs
 
@@ -36,7 +36,6 @@ def main(argv=None):
     p.add_argument("--data-root", help="image folder, if not where training found it")
     args = p.parse_args(argv)
     if args.ckpt or not Path(args.learner).is_file():
-        from twins.inference import validation_threshold
         model, cfg, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
         threshold, _ = validation_threshold(model, cfg, args.data, args.data_root)
     else:
@@ -44,7 +43,7 @@ def main(argv=None):
         model, cfg, threshold = learn.model.eval(), learn.twins["config"], learn.twins["threshold"]
     out = Path(args.out)
     if args.pair:
-        split, cache = single_pair(model, args.pair, cfg["size"])
+        split, cache = single_pair(args.pair, cfg["size"])
         enc = encode_all(model, cache)
         emb = model.embedding(enc)
         pairs, score = np.array([[0, 1]]), np.array([float(emb[0] @ emb[1])])

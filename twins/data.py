@@ -192,6 +192,11 @@ def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
 
 
+def load_faces(sources: list, size: int) -> torch.Tensor:
+    """A few images (paths or PIL images) as a uint8 (n, 3, size, size) tensor, like the cache."""
+    return torch.stack([torch.tensor(load_face(s, size)) for s in sources])
+
+
 def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Tensor:
     """Decode every image once into a uint8 (n, 3, size, size) tensor in RAM, so epochs do no JPEG work."""
     n_bytes = len(paths) * 3 * size * size

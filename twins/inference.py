@@ -11,10 +11,9 @@ from fastai.data.core import DataLoaders
 from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
-from PIL import Image
 
 from .app import choose_threshold, embed_images, encode_all, load_checkpoint, make_model
-from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_face, normalizer, split_valid
+from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_faces, normalizer, split_valid
 from .loss import DCALLoss
 from .metrics import protocol_scores
 from .viz import maps_of
@@ -88,8 +87,7 @@ def verify(learn: Learner, img_a, img_b) -> dict:
     """Score one pair (paths or PIL images): cosine of the DCAL embeddings (SA + GLCA), the decision
     at the threshold chosen on validation, and the threshold."""
     size = learn.twins["config"]["size"]
-    faces = torch.stack([torch.from_numpy(load_face(i, size).copy()) for i in (img_a, img_b)])
-    emb = embed_images(learn.model, faces)
+    emb = embed_images(learn.model, load_faces([img_a, img_b], size))
     score = float(emb[0] @ emb[1])
     return {"score": score, "same": score >= learn.twins["threshold"], "threshold": learn.twins["threshold"]}
 
@@ -138,10 +136,9 @@ def figure_rows(model, split: Split, cache: torch.Tensor, enc: dict, pairs, scor
     return rows
 
 
-def single_pair(model, paths: list[str], size: int) -> tuple[Split, torch.Tensor]:
+def single_pair(paths: list[str], size: int) -> tuple[Split, torch.Tensor]:
     """A two-image 'split' for the one-pair mode."""
     for p in paths:
         if not Path(p).is_file():
             raise SystemExit(f"image {p} does not exist")
-    cache = torch.stack([torch.from_numpy(load_face(Image.open(p), size).copy()) for p in paths])
-    return Split(["image 1", "image 2"], [Path(p) for p in paths], np.array([0, 1]), []), cache
+    return Split(["image 1", "image 2"], [Path(p) for p in paths], np.array([0, 1]), []), load_faces(paths, size)
