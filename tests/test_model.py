@@ -77,24 +77,35 @@ def test_pwca_uses_the_partner_at_the_same_block():
     assert torch.allclose(model.encode(x, partner=torch.tensor([1, 0]))["sa"], model.encode(x)["sa"], atol=1e-5)  # ... not SA
 
 
-def test_glca_with_all_tokens_equals_last_block_class_token():
+def test_glca_with_all_tokens_equals_last_block_mean_token():
     model = small(top_r=1.0).eval()  # glca weights are a copy of the last block: untouched here
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model.encode(x)
+        tokens = model.vit.forward_features(x)  # all tokens after the last block and the final norm
     assert model.n_select == model.n_patches
-    assert torch.allclose(out["glca"], out["sa"], atol=1e-5)
+    assert torch.allclose(out["glca"], tokens.mean(1), atol=1e-5)
 
 
-def test_glca_selects_top_rollout_tokens_and_updates_class_token():
+def test_glca_is_its_block_on_class_token_and_top_rollout_patches():
     model = small(top_r=0.25).eval()
+    with torch.no_grad():  # GLCA's own weights, no longer the last block's copy
+        for p in model.glca_block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 3, 32, 32)
     out = model.encode(x)
     top = out["rollout"].topk(model.n_select, dim=1).indices
     assert torch.equal(out["selected"].sort(1).values, top.sort(1).values)
-    loss = out["glca"].sum()
-    loss.backward()
-    assert model.glca_block.attn.qkv.weight.grad.abs().sum() > 0  # the class token's GLCA update is trained
+    with torch.no_grad():  # reference: the whole GLCA block on every token, then keep the chosen rows
+        h = model.tokens(x)
+        for blk in model.vit.blocks[:-1]:
+            h = blk(h)
+        rows = model.glca_norm(model.glca_block(h))
+        rows = torch.cat([rows[:, :1], rows[torch.arange(2)[:, None], top + 1]], 1)
+    assert torch.allclose(out["glca"], rows.mean(1), atol=1e-5)
+    assert not torch.allclose(out["glca"], rows[:, 0], atol=1e-3)  # the chosen patches shape the feature
+    out["glca"].sum().backward()
+    assert model.glca_block.attn.qkv.weight.grad.abs().sum() > 0
     assert model.glca_block.mlp.fc1.weight.grad.abs().sum() > 0
 
 

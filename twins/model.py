@@ -5,10 +5,11 @@
   through the layers (the per-layer head-mean maps are kept without gradient; no N^3 chain).
 - GLCA: one block, parallel to the last SA block (same input), initialised from it; queries = class
   token + top-R patch tokens by rollout, keys/values = all tokens; projection and FFN on the selected
-  tokens only.
+  tokens only; its feature is the mean of all its query outputs (each query row of one attention
+  block is independent, so a class-token-only feature would not depend on which patches were chosen).
 - PWCA (training only): every block with the SA weights; each image's queries attend over its own
   keys/values concatenated with its partner's from the partner's SA stream (detached), one softmax.
-- Embedding: concat(SA class token, GLCA class token), L2-normalised; pair score = cosine.
+- Embedding: concat(SA class token, GLCA feature), L2-normalised; pair score = cosine.
 All attention for forward and backward runs through the fused `scaled_dot_product_attention`
 kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path).
 """
@@ -123,7 +124,8 @@ class DCAL(nn.Module):
 
     def glca_forward(self, x: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLCA on the last block's input `x`: class token + top-R patches by rollout `row` as queries
-        against all tokens. Returns the GLCA class token (after its norm) and the selected patch indices."""
+        against all tokens. Returns the GLCA feature (the mean of the R+1 outputs, after its norm) and the
+        selected patch indices."""
         blk, attn = self.glca_block, self.glca_block.attn
         top = row[:, 1:].topk(self.n_select, dim=1).indices + 1
         idx = torch.cat([torch.zeros_like(top[:, :1]), top], 1)
@@ -135,7 +137,7 @@ class DCAL(nn.Module):
         q = attn.q_norm(split_heads(attn, h_sel, attn.qkv.weight[:C], None if bias is None else bias[:C])[0])
         k, v = split_heads(attn, h, attn.qkv.weight[C:], None if bias is None else bias[C:]).unbind(0)
         out = block_tail(blk, x_sel, attend(attn, q, attn.k_norm(k), v))
-        return self.glca_norm(out)[:, 0], top - 1
+        return self.glca_norm(out).mean(1), top - 1
 
     def encode(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
         """Run SA (+ PWCA when `partner` gives each image's partner index in the batch) and GLCA."""
