@@ -30,6 +30,12 @@ def train(cmd: list[str], threads: int) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
+def spread(values: np.ndarray, digits: int) -> str:
+    """mean ± sample sd (just the value for one seed)."""
+    sd = f" ± {values.std(ddof=1):.{digits}f}" if len(values) > 1 else ""
+    return f"{values.mean():.{digits}f}{sd}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
@@ -53,8 +59,7 @@ def main():
     print("|---|---|---|---|")
     for name, rows in results.items():
         eer, auc = np.array(rows).T
-        print(f"| {name} | {100 * eer.mean():.1f} ± {100 * eer.std(ddof=1):.1f} | {auc.mean():.3f} ± {auc.std(ddof=1):.3f} "
-              f"| {', '.join(f'{100 * e:.1f}' for e in eer)} |")
+        print(f"| {name} | {spread(100 * eer, 1)} | {spread(auc, 3)} | {', '.join(f'{100 * e:.1f}' for e in eer)} |")
 
 
 if __name__ == "__main__":
