@@ -17,24 +17,15 @@ import os
 import warnings
 from pathlib import Path
 
-from twins.data import DataError
-from twins.inference import inference_learner, model_from_checkpoint, newest_checkpoint, validation_threshold
+from twins.checkpoint import model_from_checkpoint, newest_checkpoint
+from twins.errors import TwinsError
+from twins.inference import inference_learner, validation_threshold
 
 
-def main(argv=None):
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="checkpoint to export (default: the newest ep*.pth in models/)")
-    p.add_argument("--out", default="models/twins.pkl", help="where to write the learner (default models/twins.pkl)")
-    p.add_argument("--data", help="JSON folder, if not where training found it (to choose the threshold)")
-    p.add_argument("--data-root", help="image folder, if not where training found it")
-    args = p.parse_args(argv)
+def export(args: argparse.Namespace) -> None:
     ckpt_path = args.ckpt or newest_checkpoint("models")
     model, cfg, ckpt = model_from_checkpoint(ckpt_path)
-    try:
-        threshold, source = validation_threshold(model, cfg, args.data, args.data_root)
-    except DataError as e:
-        raise SystemExit(f"Data error while choosing the threshold: {e}") from None
+    threshold, source = validation_threshold(model, cfg, args.data, args.data_root)
     learn = inference_learner(model, cfg, ckpt, threshold, source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +34,20 @@ def main(argv=None):
     learn.export(tmp.name)
     os.replace(tmp, out)
     print(f"Exported {ckpt_path} (epoch {ckpt['epoch']}) to {out}; threshold {threshold:.4f} from {source}")
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint to export (default: the newest ep*.pth in models/)")
+    p.add_argument("--out", default="models/twins.pkl", help="where to write the learner (default: %(default)s)")
+    p.add_argument("--data", help="JSON folder, if not where training found it (to choose the threshold)")
+    p.add_argument("--data-root", help="image folder, if not where training found it")
+    args = p.parse_args(argv)
+    try:
+        export(args)
+    except TwinsError as e:
+        raise SystemExit(f"{e.label}: {e}") from None
 
 
 if __name__ == "__main__":

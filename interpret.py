@@ -5,7 +5,7 @@
     python interpret.py --pair a.jpg b.jpg     # why were these two faces judged the same / different?
 
 Heatmap: the class-token attention rollout over the face; white squares: the patches GLCA selected.
-Figures go to --out (default models/interpret/) and to W&B when a run is active.
+Figures go to --out (default models/interpret/).
 """
 import argparse
 import json
@@ -14,51 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
-from twins.callbacks import wandb_run
-from twins.data import DataError, build_cache
-from twins.inference import (figure_rows, load_split, model_from_checkpoint, newest_checkpoint, open_learner,
-                             single_pair, top_losses, validation_threshold)
-from twins.app import encode_all
+from twins.checkpoint import model_from_checkpoint, newest_checkpoint
+from twins.data import build_cache
+from twins.errors import TwinsError
+from twins.evaluate import encode_all
+from twins.inference import figure_rows, load_split, open_learner, single_pair, top_losses, validation_threshold
 from twins.viz import plot_pairs
 
 
-def main(argv=None):
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learner", default="models/twins.pkl", help="exported learner (default models/twins.pkl; "
-                   "if absent, --ckpt or the newest checkpoint is used)")
-    p.add_argument("--ckpt", help="use this checkpoint instead of the exported learner")
-    p.add_argument("--split", default="test", choices=["test", "valid", "train"])
-    p.add_argument("-k", type=int, default=8, help="pairs per figure (default 8)")
-    p.add_argument("--out", default="models/interpret", help="output folder (default models/interpret)")
-    p.add_argument("--pair", nargs=2, metavar=("IMG_A", "IMG_B"), help="explain one given pair instead")
-    p.add_argument("--data", help="JSON folder, if not where training found it")
-    p.add_argument("--data-root", help="image folder, if not where training found it")
-    args = p.parse_args(argv)
-    if args.ckpt or not Path(args.learner).is_file():
-        model, cfg, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
-        threshold, _ = validation_threshold(model, cfg, args.data, args.data_root)
-    else:
-        learn = open_learner(args.learner)
-        model, cfg, threshold = learn.model.eval(), learn.twins["config"], learn.twins["threshold"]
-    out = Path(args.out)
-    if args.pair:
-        split, cache = single_pair(args.pair, cfg["size"])
-        enc = encode_all(model, cache)
-        emb = model.embedding(enc)
-        pairs, score = np.array([[0, 1]]), np.array([float(emb[0] @ emb[1])])
-        same = score >= threshold
-        rows = figure_rows(model, split, cache, enc, pairs, score, same, np.zeros(1), threshold)
-        rows[0]["caption_b"] = f"{Path(args.pair[1]).name}\nsays {'same person' if same[0] else 'different people'}"
-        path = out / "pair.png"
-        plot_pairs(rows, path, title="rollout heatmap + GLCA tokens")
-        print(f"{args.pair[0]} vs {args.pair[1]}: cos {score[0]:.4f}, threshold {threshold:.4f} -> "
-              f"{'same person' if same[0] else 'different people'}; figure {path}")
-        return
-    try:
-        split = load_split(cfg, args.split, args.data, args.data_root)
-    except DataError as e:
-        raise SystemExit(f"Data error: {e}") from None
+def one_pair(model, cfg: dict, threshold: float, paths: list[str], out: Path) -> None:
+    split, cache = single_pair(paths, cfg["size"])
+    enc = encode_all(model, cache)
+    emb = model.embedding(enc)
+    pairs, score = np.array([[0, 1]]), np.array([float(emb[0] @ emb[1])])
+    same = score >= threshold
+    rows = figure_rows(model, split, cache, enc, pairs, score, same, np.zeros(1), threshold)
+    rows[0]["caption_b"] = f"{Path(paths[1]).name}\nsays {'same person' if same[0] else 'different people'}"
+    path = out / "pair.png"
+    plot_pairs(rows, path, title="rollout heatmap + GLCA tokens")
+    print(f"{paths[0]} vs {paths[1]}: cos {score[0]:.4f}, threshold {threshold:.4f} -> "
+          f"{'same person' if same[0] else 'different people'}; figure {path}")
+
+
+def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out: Path) -> None:
+    split = load_split(cfg, args.split, args.data, args.data_root)
     cache = build_cache(split.paths, cfg["size"], f"{args.split} images")
     enc, scores, genuine, pairs, losses, picks = top_losses(model, split, cache, args.k)
     listing = {}
@@ -70,10 +49,39 @@ def main(argv=None):
         listing[name] = [{"image_a": str(split.paths[a]), "image_b": str(split.paths[b]), "score": float(s),
                           "loss": float(l)} for (a, b), s, l in zip(pairs[idx], scores[idx], losses[idx])]
         print(f"{path}: {len(idx)} {what}")
-        if (run := wandb_run()) is not None:
-            import wandb
-            run.log({f"interpret/top_{name}": wandb.Image(str(path))})
     (out / "top_losses.json").write_text(json.dumps({"threshold": threshold, **listing}, indent=1))
+
+
+def interpret(args: argparse.Namespace) -> None:
+    if args.ckpt or not Path(args.learner).is_file():
+        model, cfg, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
+        threshold, _ = validation_threshold(model, cfg, args.data, args.data_root)
+    else:
+        learn = open_learner(args.learner)
+        model, cfg, threshold = learn.model.eval(), learn.twins["config"], learn.twins["threshold"]
+    if args.pair:
+        one_pair(model, cfg, threshold, args.pair, Path(args.out))
+    else:
+        top_pairs(model, cfg, threshold, args, Path(args.out))
+
+
+def main(argv=None) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--learner", default="models/twins.pkl", help="exported learner (default: %(default)s; "
+                   "if absent, --ckpt or the newest checkpoint is used)")
+    p.add_argument("--ckpt", help="use this checkpoint instead of the exported learner")
+    p.add_argument("--split", default="test", choices=["test", "valid", "train"])
+    p.add_argument("-k", type=int, default=8, help="pairs per figure (default: %(default)s)")
+    p.add_argument("--out", default="models/interpret", help="output folder (default: %(default)s)")
+    p.add_argument("--pair", nargs=2, metavar=("IMG_A", "IMG_B"), help="explain one given pair instead")
+    p.add_argument("--data", help="JSON folder, if not where training found it")
+    p.add_argument("--data-root", help="image folder, if not where training found it")
+    args = p.parse_args(argv)
+    try:
+        interpret(args)
+    except TwinsError as e:
+        raise SystemExit(f"{e.label}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_JSON
-from twins.data import (DataError, build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
+from helpers import SHARED_JSON
+from twins.errors import DataError
+from twins.data import (build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
                         split_valid)
 
 

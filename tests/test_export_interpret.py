@@ -4,12 +4,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
-from conftest import ROOT, run
-from twins.app import embed_images
+import export
+import interpret
+from helpers import ROOT, run
+from twins.evaluate import embed_images
 from twins.data import build_cache, load_dataset
-from twins.inference import model_from_checkpoint
+from twins.checkpoint import model_from_checkpoint
 from twins.loss import DCALLoss
 
 
@@ -30,6 +33,7 @@ def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(
     paths, expected, _, _, _ = checkpoint_scores(work, *tiny_demo)
     code = (
         "import json, sys\n"
+        "sys.modules['wandb'] = None  # as if wandb were not installed: inference must not need it\n"
         "from fastai.learner import load_learner\n"
         "from PIL import Image\n"
         "from twins.inference import verify\n"
@@ -37,6 +41,7 @@ def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(
         "paths = json.loads(sys.argv[1])\n"
         "res = [verify(learn, paths[i], paths[i + 1]) for i in range(0, len(paths), 2)]\n"
         "res.append(verify(learn, Image.open(paths[0]), Image.open(paths[1])))\n"
+        "assert not {'twins.tracking', 'twins.callbacks', 'fastai.callback.wandb'} & set(sys.modules)\n"
         "print(json.dumps(res))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, json.dumps([str(p) for p in paths])], cwd=work,
@@ -52,15 +57,17 @@ def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(
     assert abs(res[0]["threshold"] - report["valid"]["eer_threshold"]) < 1e-3  # threshold chosen on validation
 
 
-def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_path):
+def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_path, monkeypatch):
     work, _, _ = fresh_run
-    p = run(["--ckpt", "models/ep3"], work, script="export.py", check=False)
-    assert p.returncode != 0 and "checkpoint models/ep3.pth does not exist" in p.stderr
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit, match="^Checkpoint error: checkpoint models/ep3.pth does not exist"):
+        export.main(["--ckpt", "models/ep3"])
     torch.save({"model": {}, "something": 1}, tmp_path / "other.pth")
-    p = run(["--ckpt", str(tmp_path / "other.pth")], work, script="export.py", check=False)
-    assert p.returncode != 0 and "is not a twins checkpoint" in p.stderr
-    p = run([], tmp_path, script="export.py", check=False)
-    assert p.returncode != 0 and "no checkpoint ep*.pth in models/" in p.stderr
+    with pytest.raises(SystemExit, match="^Checkpoint error: .*other.pth is not a twins checkpoint"):
+        export.main(["--ckpt", str(tmp_path / "other.pth")])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^Checkpoint error: no checkpoint ep\*.pth in models/"):
+        export.main([])
 
 
 def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo):
@@ -98,5 +105,15 @@ def test_interpret_one_given_pair(fresh_run, tiny_demo):
             script="interpret.py")
     assert f"cos {expected[0]:.4f}" in p.stdout
     assert (work / "one" / "pair.png").stat().st_size > 5000
-    p = run(["--ckpt", "models/ep7", "--pair", "nope.jpg", str(paths[1])], work, script="interpret.py", check=False)
-    assert p.returncode != 0 and "image nope.jpg does not exist" in p.stderr
+
+
+def test_interpret_errors_are_one_line_messages(fresh_run, tiny_demo, tmp_path, monkeypatch):
+    work, _, _ = fresh_run
+    _, images = tiny_demo
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit, match="^Data error: image nope.jpg does not exist"):
+        interpret.main(["--ckpt", "models/ep7", "--pair", "nope.jpg", str(next(images.rglob("*.jpg")))])
+    moved = tmp_path / "moved"  # the images are no longer where training found them
+    moved.mkdir()
+    with pytest.raises(SystemExit, match=f"^Data error: .*images not found under --data-root {moved}"):
+        interpret.main(["--ckpt", "models/ep7", "--data-root", str(moved)])

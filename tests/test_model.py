@@ -6,7 +6,7 @@ import timm
 import torch
 
 from twins.loss import DCALLoss
-from twins.model import DCAL, qkv_heads, rollout_row
+from twins.model import DCAL, Attention, qkv_heads, rollout_row
 
 torch.manual_seed(0)
 
@@ -22,6 +22,31 @@ def explicit(model: DCAL):
     for blk in list(m.vit.blocks) + ([m.glca_block] if m.use_glca else []):
         blk.attn.fused_attn = False
     return m
+
+
+# Every timm internal that twins/model.py reads, by owner: a timm release that renames or drops one
+# fails here by name (requirements.txt's lower bound is the oldest timm this passed on).
+TIMM_INTERNALS = {
+    "VisionTransformer": ["cls_token", "num_prefix_tokens", "patch_embed", "_pos_embed", "patch_drop", "norm_pre",
+                          "blocks", "norm", "embed_dim", "no_weight_decay"],
+    "PatchEmbed": ["num_patches", "grid_size"],
+    "Block": ["norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"],
+    "Attention": ["qkv", "q_norm", "k_norm", "num_heads", "head_dim", "scale", "fused_attn", "attn_drop", "proj",
+                  "proj_drop"],
+}
+
+
+def test_timm_internals_the_model_relies_on_exist():
+    vit = small().vit
+    owners = {"VisionTransformer": vit, "PatchEmbed": vit.patch_embed, "Block": vit.blocks[0],
+              "Attention": vit.blocks[0].attn}
+    missing = [f"{owner}.{name}" for owner, names in TIMM_INTERNALS.items() for name in names
+               if not hasattr(owners[owner], name)]
+    assert not missing, f"timm {timm.__version__} lacks {missing}"
+    assert isinstance(vit.blocks[0].attn, Attention)
+    assert callable(timm.data.resolve_data_config)
+    # optional in timm (absent in older releases): a gate must be off, a norm before the projection is applied
+    assert getattr(vit.blocks[0].attn, "gate", None) is None
 
 
 def test_rollout_row_matches_full_matrix_product():

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from conftest import TINY, lrs, run
+import train
+from helpers import TINY, lrs, run
+from twins.checkpoint import load_checkpoint, newest_checkpoint
+from twins.errors import CheckpointError, DataError, TwinsError
 
 
 def digest(path):
@@ -59,34 +62,48 @@ def test_resume_continues_the_schedule_and_keeps_old_checkpoints(fresh_run):
     assert ids == ids2
 
 
-def test_bad_resume_path_and_mismatched_checkpoint(fresh_run):
+def test_bad_resume_path_and_mismatched_checkpoint(fresh_run, monkeypatch):
     work, data, _ = fresh_run
-    p = run(["--resume", "models/ep99"], work, mode="disabled", check=False)
-    assert p.returncode != 0 and "checkpoint models/ep99.pth does not exist; found: models/ep5.pth" in p.stderr
-    p = run(["--resume", "models/ep5", "--size", "48"], work, mode="disabled", check=False)
-    assert p.returncode != 0 and "does not match this run (size: checkpoint 32 vs 48)" in p.stderr
-    p = run(["--resume", "models/ep5", "--valid-pct", "0.5"], work, mode="disabled", check=False)
-    assert p.returncode != 0 and "other training ids" in p.stderr
+    monkeypatch.chdir(work)
+    with pytest.raises(SystemExit, match=r"^Checkpoint error: checkpoint models/ep99.pth does not exist; "
+                                         r"found: models/ep5.pth"):
+        train.main(["--resume", "models/ep99"])
+    with pytest.raises(SystemExit, match=r"^Checkpoint error: .*does not match this run \(size: checkpoint 32 vs 48\)"):
+        train.main(["--resume", "models/ep5", "--size", "48", "--no-wandb"])
+    with pytest.raises(SystemExit, match="^Checkpoint error: .*other training ids"):
+        train.main(["--resume", "models/ep5", "--valid-pct", "0.5", "--no-wandb"])
+    with pytest.raises(SystemExit, match="^Checkpoint error: checkpoint models/ep7.pth is at epoch 7, already the last"):
+        train.main(["--resume", "models/ep7", "--no-wandb"])
     (work / "junk.pth").write_bytes(b"not a checkpoint")
-    p = run(["--resume", "junk.pth"], work, mode="disabled", check=False)
-    assert p.returncode != 0 and "cannot be read" in p.stderr
+    with pytest.raises(SystemExit, match="^Checkpoint error: checkpoint junk.pth cannot be read"):
+        train.main(["--resume", "junk.pth"])
     assert sorted(f.name for f in (work / "models").glob("ep*.pth")) == ["ep5.pth", "ep7.pth"]
 
 
-def test_bad_data_stops_before_training(tmp_path, tiny_demo):
+def test_library_raises_errors_that_the_cli_turns_into_one_line(fresh_run, tmp_path):
+    work, _, _ = fresh_run
+    with pytest.raises(CheckpointError, match="does not exist"):  # a notebook gets an exception, not an exit
+        load_checkpoint(work / "models" / "ep99")
+    with pytest.raises(CheckpointError, match="no checkpoint ep"):
+        newest_checkpoint(tmp_path)
+    assert issubclass(DataError, TwinsError) and issubclass(CheckpointError, TwinsError)
+
+
+def test_bad_data_stops_before_training(tmp_path, tiny_demo, monkeypatch):
     json_dir, _ = tiny_demo
-    p = run(["--fresh", *TINY, "--data", str(json_dir)], tmp_path, mode="disabled", check=False)
-    assert p.returncode != 0
-    assert "Data error:" in p.stderr and "images not found as written; pass --data-root" in p.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="^Data error: .*images not found as written; pass --data-root"):
+        train.main(["--fresh", *TINY, "--data", str(json_dir), "--no-wandb"])
     assert not (tmp_path / "models").exists()
 
 
-def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp_path, tiny_demo):
+def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp_path, tiny_demo, monkeypatch):
     json_dir, images = tiny_demo
     k = TINY.index("--valid-pct")
     tiny = TINY[:k] + TINY[k + 2:]
-    run(["--fresh", "--epochs", "1", *tiny, "--valid-pct", "0", "--data", str(json_dir), "--data-root", str(images)],
-        tmp_path, mode="disabled")
+    monkeypatch.chdir(tmp_path)
+    train.main(["--fresh", "--epochs", "1", *tiny, "--valid-pct", "0", "--data", str(json_dir), "--data-root",
+                str(images), "--no-wandb"])
     report = json.loads((tmp_path / "models" / "test_report.json").read_text())
     assert report["valid"] is None
     assert report["test"]["threshold_source"].startswith("training twins (no validation split")

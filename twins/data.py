@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders, dispatch, show_batch
 from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor, Normalize
@@ -24,11 +25,9 @@ from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
 from PIL import Image
 
+from .errors import DataError
+
 SPLITS = ("train", "test")
-
-
-class DataError(ValueError):
-    """Bad input data: the message says which file and which ids or paths."""
 
 
 def _examples(items, n: int = 5) -> str:
@@ -184,6 +183,28 @@ def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split
     return train.subset(train_people), train.subset(valid_people)
 
 
+@dataclass
+class TwinData:
+    """A run's data: the three splits, their decoded images, and the training classes."""
+    train: Split
+    valid: Split | None
+    test: Split
+    caches: dict[str, torch.Tensor]
+    classes: dict[str, int]  # training person id -> class index
+
+
+def prepare_data(cfg: dict) -> TwinData:
+    """Load and check the run's JSON files and images, hold out the validation families, and decode
+    every image once into the RAM caches."""
+    splits = load_dataset(cfg["data"], cfg["data_root"])
+    train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
+    parts = {"train": train, "valid": valid, "test": splits["test"]}
+    print("Data: " + ", ".join(f"{k} {len(s.ids)} people / {len(s.paths)} images / {len(s.twin_pairs)} twin pairs"
+                              for k, s in parts.items() if s is not None))
+    caches = {k: build_cache(s.paths, cfg["size"], f"{k} images") for k, s in parts.items() if s is not None}
+    return TwinData(train, valid, splits["test"], caches, {pid: i for i, pid in enumerate(train.ids)})
+
+
 def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     """One image (a path or a PIL image) as uint8 (3, size, size), the way the cache holds it."""
     im = src if isinstance(src, Image.Image) else Image.open(src)
@@ -228,7 +249,7 @@ def sample_pairs(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np
 
 
 class TwinPairs:
-    """Dataset of one epoch of pairs, redrawn by `resample(epoch)` (fixed when `fixed`).
+    """Dataset of one epoch of pairs, drawn from (seed, epoch) by `resample(epoch)` (fixed when `fixed`).
     Items: (anchor image, partner image, same, class of anchor, class of partner); class -1 = unseen id."""
 
     def __init__(self, split: Split, cache: torch.Tensor, classes: dict[str, int], seed: int, fixed: bool):
@@ -260,17 +281,8 @@ class TwinPairs:
 
 class PairDL(DataLoader):
     """A fastai DataLoader over `TwinPairs`: a batch is gathered straight from the RAM cache
-    (no per-item work), pairs are redrawn at every pass over the training set."""
+    (no per-item work)."""
     n_inp = 2  # the model is called as model(img_a, img_b); the targets are (same, id_a, id_b)
-
-    def __init__(self, dataset: TwinPairs, **kwargs):
-        self.n_epochs_seen = 0
-        super().__init__(dataset, **kwargs)
-
-    def before_iter(self):
-        super().before_iter()
-        self.dataset.resample(self.n_epochs_seen)
-        self.n_epochs_seen += 1
 
     def create_batch(self, b):
         ds = self.dataset
@@ -278,11 +290,18 @@ class PairDL(DataLoader):
         p = ds.partner[a]
         return (TensorImage(ds.cache[a]), TensorImage(ds.cache[p]), ds.same[a].float(), ds.label[a], ds.label[p])
 
-
     def show_batch(self, b=None, max_n: int = 6, **kwargs):
         """Pairs side by side, titled "same" or "twin" (fastai's `show_batch`, dispatched on `TwinPair`)."""
         xa, xb, *targets = self.after_batch.decode(self.one_batch() if b is None else b)
         return show_batch(TwinPair(xa, xb), targets, None, max_n=max_n, **kwargs)
+
+
+class RedrawPairs(Callback):
+    """Draws each epoch's training pairs from fastai's epoch number, so a resumed run trains on the
+    pairs of the uninterrupted run."""
+
+    def before_train(self):
+        self.dls.train.dataset.resample(self.epoch)
 
 
 class TwinPair(fastuple):

@@ -1,7 +1,8 @@
 """The embedded demo set: generated twin faces in exactly the user's ND-TWIN JSON layout.
 
 Twins share every face parameter (shape, skin, eyes, brows, nose, mouth, hair, background) and differ
-only in small marks: the positions of two moles and the slant of one eyebrow. Each photo varies pose,
+only in small skin marks (each sibling has a few of a kind no sibling has, at their own places) and
+the slant of one eyebrow. Each photo varies pose,
 expression, light, blur and JPEG quality. The JSON files hold absolute paths under a prefix that is
 not where the images are, so every demo run exercises `--data-root` resolution like the real data.
 """
@@ -15,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 FOREIGN_PREFIX = "/home/demo-user/Work/Dataset/ND_TWIN_demo"  # paths "from the machine that wrote the files"
-CANVAS = 256
+CANVAS = 256  # faces are drawn at this size, then reduced to the photo size: anti-aliased edges
 MARK_RADIUS = 0.045  # of the image width: about 6 px at the demo recipe's 64 px
-MARKS_PER_PERSON = 4  # drawn at 2x, then reduced: anti-aliased edges
+MARKS_PER_PERSON = 4  # all of the person's own kind
 
 
 def _family(rng: np.random.Generator) -> dict:

@@ -1,8 +1,7 @@
 """Inference from a checkpoint or an exported learner: the portable `.pkl`, `verify`, per-pair losses
-and the top-loss twin pairs with their attention heatmaps."""
+and the top-loss twin pairs with their attention heatmaps. No W&B here: `verify()` runs without wandb."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,30 +11,12 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 
-from .app import choose_threshold, embed_images, encode_all, load_checkpoint, make_model
 from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_faces, normalizer, split_valid
+from .errors import CheckpointError, DataError
+from .evaluate import choose_threshold, embed_images, encode_all
 from .loss import DCALLoss
 from .metrics import protocol_scores
 from .viz import maps_of
-
-
-def newest_checkpoint(folder: str | Path) -> Path:
-    found = sorted(Path(folder).glob("ep*.pth"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
-    if not found:
-        raise SystemExit(f"no checkpoint ep*.pth in {folder}/; train first (python train.py --fresh) or pass --ckpt")
-    return found[-1]
-
-
-def model_from_checkpoint(path: str | Path):
-    """(model in eval mode with the checkpoint's weights, the run's config, the training ids)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
-    model = make_model(cfg, len(ckpt["classes"]), pretrained=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"checkpoint {path} does not fit the model its config describes: {e}") from None
-    return model.eval(), cfg, ckpt
 
 
 def load_split(cfg: dict, split: str, data: str | None = None, data_root: str | None = None) -> Split:
@@ -46,7 +27,7 @@ def load_split(cfg: dict, split: str, data: str | None = None, data_root: str | 
         return splits["test"]
     train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
     if split == "valid" and valid is None:
-        raise SystemExit("this run had no validation split (--valid-pct 0)")
+        raise DataError("this run had no validation split (--valid-pct 0)")
     return valid if split == "valid" else train
 
 
@@ -76,10 +57,10 @@ def inference_learner(model, cfg: dict, ckpt: dict, threshold: float, source: st
 def open_learner(path: str | Path) -> Learner:
     p = Path(path)
     if not p.is_file():
-        raise SystemExit(f"exported learner {p} does not exist; run python export.py first")
+        raise CheckpointError(f"exported learner {p} does not exist; run python export.py first")
     learn = load_learner(p, cpu=not torch.cuda.is_available())
     if not hasattr(learn, "twins"):
-        raise SystemExit(f"{p} is not a learner exported by export.py")
+        raise CheckpointError(f"{p} is not a learner exported by export.py")
     return learn
 
 
@@ -92,23 +73,25 @@ def verify(learn: Learner, img_a, img_b) -> dict:
     return {"score": score, "same": score >= learn.twins["threshold"], "threshold": learn.twins["threshold"]}
 
 
+@torch.no_grad()
 def pair_losses(model, enc: dict, pairs: np.ndarray, genuine: np.ndarray) -> np.ndarray:
     """The training loss of each pair, with `reduction='none'` (people outside the training ids:
     the identity terms are off, the twin pair terms remain)."""
+    dev = next(model.parameters()).device
     i, j = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
-    out = {"log_vars": model.log_vars.detach().cpu(), "pair_logit": model.pair_logit.detach().cpu()}
+    out = {"log_vars": model.log_vars, "pair_logit": model.pair_logit}
     for branch, head in (("sa", model.sa_head), ("glca", getattr(model, "glca_head", None))):
         if branch in enc:
-            feat = torch.cat([enc[branch][i], enc[branch][j]])
+            feat = torch.cat([enc[branch][i], enc[branch][j]]).to(dev)
             out[f"feat_{branch}"] = feat
-            out[branch] = head.cpu()(feat)
-    unknown = torch.full((len(pairs),), -1)
-    with torch.no_grad():
-        return DCALLoss(reduction="none")(out, torch.from_numpy(genuine).float(), unknown, unknown).numpy()
+            out[branch] = head(feat)
+    unknown = torch.full((len(pairs),), -1, device=dev)
+    return DCALLoss(reduction="none")(out, torch.from_numpy(genuine).float().to(dev), unknown, unknown).cpu().numpy()
 
 
 def top_losses(model, split: Split, cache: torch.Tensor, k: int):
-    """The k twin-impostor pairs and the k genuine pairs with the highest loss: (enc, scores, rows)."""
+    """The k twin-impostor pairs and the k genuine pairs with the highest loss: (encodings, scores,
+    is_genuine, image pairs, losses, {"impostor": indices, "genuine": indices} into those pairs)."""
     enc = encode_all(model, cache)
     emb = model.embedding(enc)
     scores, genuine, pairs = protocol_scores(emb, split.person, split.twin_pairs)
@@ -140,5 +123,5 @@ def single_pair(paths: list[str], size: int) -> tuple[Split, torch.Tensor]:
     """A two-image 'split' for the one-pair mode."""
     for p in paths:
         if not Path(p).is_file():
-            raise SystemExit(f"image {p} does not exist")
+            raise DataError(f"image {p} does not exist")
     return Split(["image 1", "image 2"], [Path(p) for p in paths], np.array([0, 1]), []), load_faces(paths, size)

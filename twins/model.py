@@ -20,14 +20,21 @@ import copy
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.models.vision_transformer import Attention  # also where timm < 1.0.19 defines it
 from torch import nn
+
+from .errors import TwinsError
 
 
 def split_heads(attn: Attention, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Project `x` (B, N, C) with a slice of the qkv weights and split heads -> (B, H, N, d)."""
     B, N, _ = x.shape
     return F.linear(x, weight, bias).reshape(B, N, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+
+
+def attn_dim(attn: Attention) -> int:
+    """Width of q (and of k, of v) over all heads (timm >= 1.0.23 stores it as `attn.attn_dim`)."""
+    return attn.num_heads * attn.head_dim
 
 
 def qkv_heads(attn: Attention, x: torch.Tensor):
@@ -47,7 +54,9 @@ def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         o = F.dropout((q * attn.scale @ k.transpose(-2, -1)).softmax(-1), drop, attn.training) @ v
     B, H, M, d = o.shape
-    return attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(B, M, H * d))))
+    o = o.transpose(1, 2).reshape(B, M, H * d)
+    norm = getattr(attn, "norm", None)  # timm >= 1.0.16: optional norm before the projection
+    return attn.proj_drop(attn.proj(o if norm is None else norm(o)))
 
 
 def block_tail(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -90,26 +99,32 @@ class DCAL(nn.Module):
                  top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None):
         super().__init__()
         extra = {} if patch_size is None else {"patch_size": patch_size}
-        self.vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
-                                     drop_path_rate=drop_path, **extra)
-        v = self.vit
-        if v.cls_token is None or v.num_prefix_tokens != 1 or not all(
-                isinstance(b.attn, Attention) and b.attn.gate is None for b in v.blocks):
-            raise ValueError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
+        self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
+                                           drop_path_rate=drop_path, **extra)
+        if vit.cls_token is None or vit.num_prefix_tokens != 1 or not all(
+                isinstance(b.attn, Attention) and getattr(b.attn, "gate", None) is None for b in vit.blocks):
+            raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
                              "blocks (vit_*, deit_*)")
         self.use_glca, self.use_pwca = glca, pwca
-        self.n_patches = v.patch_embed.num_patches
+        self.n_patches = vit.patch_embed.num_patches
         self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
-        dim = v.embed_dim
+        dim = vit.embed_dim
         self.sa_head = CosineClassifier(dim, n_classes)
         if glca:
-            self.glca_block = copy.deepcopy(v.blocks[-1])
-            self.glca_norm = copy.deepcopy(v.norm)
+            self.glca_block = copy.deepcopy(vit.blocks[-1])
+            self.glca_norm = copy.deepcopy(vit.norm)
             self.glca_head = CosineClassifier(dim, n_classes)
         # Loss parameters live here so that fastai's optimizer (built from the model) trains them:
         # uncertainty weights w_i of the SA, GLCA, PWCA losses, and the scale/bias of the pair logit.
         self.log_vars = nn.Parameter(torch.zeros(3))
         self.pair_logit = nn.Parameter(torch.tensor([10.0, -5.0]))
+
+    @classmethod
+    def from_config(cls, cfg: dict, n_classes: int, pretrained: bool | None = None) -> "DCAL":
+        """The model a run's configuration describes (`pretrained` overrides the config's)."""
+        return cls(cfg["arch"], n_classes, cfg["size"], pretrained=cfg["pretrained"] if pretrained is None else pretrained,
+                   drop_path=cfg["drop_path"], top_r=cfg["top_r"], glca=cfg["glca"], pwca=cfg["pwca"],
+                   patch_size=cfg["patch_size"])
 
     @property
     def data_config(self) -> dict:
@@ -119,8 +134,8 @@ class DCAL(nn.Module):
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.vit
-        return v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        vit = self.vit
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
 
     def glca_forward(self, x: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLCA on the last block's input `x`: class token + top-R patches by rollout `row` as queries
@@ -132,7 +147,7 @@ class DCAL(nn.Module):
         h = blk.norm1(x)
         h_sel = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         x_sel = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        C = attn.attn_dim
+        C = attn_dim(attn)
         bias = attn.qkv.bias
         q = attn.q_norm(split_heads(attn, h_sel, attn.qkv.weight[:C], None if bias is None else bias[:C])[0])
         k, v = split_heads(attn, h, attn.qkv.weight[C:], None if bias is None else bias[C:]).unbind(0)
@@ -141,11 +156,10 @@ class DCAL(nn.Module):
 
     def encode(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
         """Run SA (+ PWCA when `partner` gives each image's partner index in the batch) and GLCA."""
-        v = self.vit
         x = self.tokens(x)
         x_pw = x if partner is not None else None
         maps, last_in = [], x
-        for blk in v.blocks:
+        for blk in self.vit.blocks:
             last_in = x
             n = len(x)
             h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
@@ -162,9 +176,9 @@ class DCAL(nn.Module):
                 pw = attend(blk.attn, q[n:], torch.cat([k[n:], kd], 2), torch.cat([val[n:], vd], 2))
                 x_pw = block_tail(blk, x_pw, pw)
             x = block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n], probs))
-        out = {"sa": v.norm(x)[:, 0]}
+        out = {"sa": self.vit.norm(x)[:, 0]}
         if x_pw is not None:
-            out["pwca"] = v.norm(x_pw)[:, 0]
+            out["pwca"] = self.vit.norm(x_pw)[:, 0]
         if self.use_glca:
             row = rollout_row(maps)
             out["rollout"] = row[:, 1:]
@@ -203,7 +217,7 @@ def check_cuda_arch() -> None:
     if supported and arch not in supported and not any(
             a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor for a in supported):
         name = torch.cuda.get_device_name()
-        raise SystemExit(
+        raise TwinsError(
             f"This torch {torch.__version__} build has no kernels for {name} ({arch}); it supports "
             f"{', '.join(supported)}. On Kaggle either pick the T4 x2 accelerator, or install a CUDA 12.6 "
             "build first: pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")

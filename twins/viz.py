@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def maps_of(model, enc: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image `i`'s rollout heatmap and GLCA-selected mask, both (gh, gw), from `app.encode_all` output."""
+    """Image `i`'s rollout heatmap and GLCA-selected mask, both (gh, gw), from `evaluate.encode_all` output."""
     gh, gw = model.vit.patch_embed.grid_size
     if "rollout" not in enc:  # a model trained without GLCA has neither
         return torch.ones(gh, gw), torch.zeros(gh, gw)
@@ -50,3 +50,17 @@ def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def plot_roc(far: np.ndarray, tar: np.ndarray, report: dict, path: Path) -> None:
+    """The twins-only ROC curve of a test report, saved as PNG."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(far, tar, label=f"DCAL  AUC {report['auc']:.3f}  EER {100 * report['eer']:.1f}%")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="FAR (twin impostors accepted)", ylabel="TAR (genuine accepted)",
+           title=f"Twins-only test ROC ({report['n_genuine']} genuine / {report['n_impostor']} twin pairs)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

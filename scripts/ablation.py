@@ -1,8 +1,8 @@
 """Ablation on the demo set (run by hand): plain ViT siamese, +GLCA, +PWCA, full DCAL, several seeds,
 same recipe and budget; prints the twins-only test EER and AUC (mean ± spread) as a markdown table.
 
-    python tests/ablation.py --jobs 2        # 5 seeds, the demo recipe (about 40 minutes on 2 CPU cores)
-    python tests/ablation.py --seeds 1 2 3 -- --epochs 40    # extra flags go to train.py
+    python -m scripts.ablation --jobs 2        # 5 seeds, the demo recipe (about 40 minutes on 2 CPU cores)
+    python -m scripts.ablation --seeds 1 2 3 -- --epochs 40    # extra flags go to train.py
 
 Runs already finished under --out are reused, so an interrupted ablation picks up where it stopped
 (delete --out after changing the code).

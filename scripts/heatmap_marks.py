@@ -5,22 +5,20 @@ correctly rejected twin-impostor test pair, this measures how often the rollout 
 mark, and what share of the GLCA-selected patches cover marks, against the share expected by chance
 (the share of patches that cover marks).
 
-    python tests/heatmap_marks.py [--ckpt models/ep30] [--demo demo]
+    python -m scripts.heatmap_marks [--ckpt models/ep30] [--demo demo]
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twins.data import build_cache  # noqa: E402
-from twins.app import encode_all  # noqa: E402
-from twins.inference import (load_split, model_from_checkpoint, newest_checkpoint,  # noqa: E402
-                             validation_threshold)
-from twins.metrics import protocol_scores  # noqa: E402
+from twins.checkpoint import model_from_checkpoint, newest_checkpoint
+from twins.data import build_cache
+from twins.evaluate import encode_all
+from twins.inference import load_split, validation_threshold
+from twins.metrics import protocol_scores
 
 
 def mark_patches(places, radius: float, gh: int, gw: int) -> np.ndarray:

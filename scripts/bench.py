@@ -1,9 +1,9 @@
 """Benchmark (run by hand, not by pytest): parameters, FLOPs, step times, peak memory and loader speed
 of DCAL against the plain ViT siamese baseline at the same batch.
 
-    python tests/bench.py                                  # the demo recipe
-    python tests/bench.py --arch vit_small_patch16_224 --patch-size 16 --size 224 --bs 4 --reps 2
-    python tests/bench.py --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
+    python -m scripts.bench                                  # the demo recipe
+    python -m scripts.bench --arch vit_small_patch16_224 --patch-size 16 --size 224 --bs 4 --reps 2
+    python -m scripts.bench --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
 """
 import argparse
 import resource
@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from twins.app import DEMO  # noqa: E402
-from twins.data import Split, pair_dataloaders  # noqa: E402
-from twins.loss import DCALLoss  # noqa: E402
-from twins.model import DCAL  # noqa: E402
+from twins.config import DEMO
+from twins.data import Split, pair_dataloaders
+from twins.loss import DCALLoss
+from twins.model import DCAL
 
 
 def build(arch, size, patch, dcal: bool, fused: bool = True) -> DCAL:
@@ -141,9 +140,10 @@ def main():
         print(f"  DCAL train: {tflops:.2f} TFLOP/s achieved")
     mem = {}
     for label, extra in (("fused", []), ("explicit", ["--explicit"])):
-        cmd = [sys.executable, __file__, "--child-memory", "--arch", args.arch, "--size", str(args.size),
+        cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
                "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
-        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
     unit = "GiB allocated on the GPU" if dev.type == "cuda" else "GiB process peak RSS"
     print(f"  peak memory of one DCAL train step: fused {mem['fused']:.2f}, explicit softmax {mem['explicit']:.2f} {unit}")
     pairs_s = loader_speed(args.size, args.bs)

@@ -1,0 +1,28 @@
+"""What the tests share besides fixtures: the tiny recipe and real subprocess runs of the user's commands."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_JSON = ROOT.parent / "shared" / "nd_twin_json"
+
+TINY = ["--arch", "test_vit", "--size", "32", "--patch-size", "8", "--no-pretrained", "--bs", "8", "--lr", "1e-3",
+        "--top-r", "0.25", "--valid-pct", "0.25", "--map-every", "3"]
+
+
+def run(args, cwd, mode="offline", check=True, script="train.py"):
+    """A real subprocess run of one of the user's commands."""
+    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    p = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=900)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def lrs(stdout: str) -> dict:
+    """Epoch -> learning rate, from the per-epoch lines train.py prints."""
+    return {int(e): float(lr) for e, lr in re.findall(r"^epoch (\d+) lr (\S+) ", stdout, re.M)}

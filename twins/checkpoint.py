@@ -1,0 +1,95 @@
+"""The checkpoint format, in one place: where checkpoints live (`ep{N}.pth`), the atomic write, the
+read with its checks, compatibility with a run, and the model or Learner state they restore."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from fastai.learner import Learner
+from fastai.torch_core import to_device
+
+from .config import MODEL_KEYS, device
+from .errors import CheckpointError
+from .model import DCAL
+
+REQUIRED = ("model", "opt", "epoch", "config", "classes")
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """`models/ep20` and `models/ep20.pth` both name `models/ep20.pth`."""
+    p = Path(path)
+    return p if p.suffix == ".pth" else p.with_name(p.name + ".pth")
+
+
+def epoch_path(folder: str | Path, epoch: int) -> Path:
+    return Path(folder) / f"ep{epoch}.pth"
+
+
+def newest_checkpoint(folder: str | Path) -> Path:
+    found = sorted(Path(folder).glob("ep*.pth"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    if not found:
+        raise CheckpointError(f"no checkpoint ep*.pth in {folder}/; train first (python train.py --fresh) "
+                              "or pass --ckpt")
+    return found[-1]
+
+
+def save_checkpoint(path: Path, learn: Learner, epoch: int, meta: dict) -> None:
+    """Model, optimizer, epochs completed and `meta` (config, training ids, W&B run id), written to a
+    temporary name and renamed: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": learn.model.state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch, **meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by train.py, or CheckpointError saying what is wrong."""
+    p = checkpoint_path(path)
+    if not p.is_file():
+        near = sorted(p.parent.glob("ep*.pth")) if p.parent.is_dir() else []
+        raise CheckpointError(f"checkpoint {p} does not exist" + (f"; found: {', '.join(map(str, near))}" if near else ""))
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)  # fastai's optimizer state is not weights-only
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
+    missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise CheckpointError(f"{p} is not a twins checkpoint (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, cfg: dict, classes: list[str], source: str) -> None:
+    """The run described by `cfg` and `classes` can take this checkpoint's weights, or CheckpointError."""
+    diffs = [f"{k}: checkpoint {ckpt['config'][k]!r} vs {cfg[k]!r}" for k in MODEL_KEYS if ckpt["config"][k] != cfg[k]]
+    if diffs:
+        raise CheckpointError(f"{source} does not match this run ({'; '.join(diffs)})")
+    if ckpt["classes"] != classes:
+        extra, gone = sorted(set(classes) - set(ckpt["classes"])), sorted(set(ckpt["classes"]) - set(classes))
+        raise CheckpointError(f"{source} was trained on other training ids than this data gives "
+                              f"(new here: {extra[:5]}{'...' if len(extra) > 5 else ''}; missing here: "
+                              f"{gone[:5]}{'...' if len(gone) > 5 else ''}; same --data and --valid-pct/--seed?)")
+
+
+def load_weights(model: DCAL, ckpt: dict, source: str | Path) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {source} does not fit the model its config describes: {e}") from None
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[DCAL, dict, dict]:
+    """(model in eval mode with the checkpoint's weights, the run's config, the whole checkpoint)."""
+    ckpt = load_checkpoint(path)
+    model = DCAL.from_config(ckpt["config"], len(ckpt["classes"]), pretrained=False)
+    load_weights(model, ckpt, checkpoint_path(path))
+    return model.eval(), ckpt["config"], ckpt
+
+
+def restore(learn: Learner, ckpt: dict, source: str | Path) -> None:
+    """Model weights and optimizer state from `ckpt`, on the Learner's device."""
+    load_weights(learn.model, ckpt, source)
+    learn.model.to(device())
+    learn.create_opt()
+    learn.opt.load_state_dict(to_device(ckpt["opt"], device()))

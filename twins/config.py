@@ -1,0 +1,28 @@
+"""Recipes and defaults: the one place where a run's settings and their default values live."""
+from __future__ import annotations
+
+import torch
+
+WANDB_ENTITY = "hunchoquavodb-hanoi-university-of-science-and-technology"
+
+# The Kaggle recipe (P100, 16 GB): see PLAN.md "Input size" for the figures behind it.
+KAGGLE = dict(arch="vit_small_patch16_224.augreg_in21k_ft_in1k", size=448, patch_size=None, pretrained=True,
+              epochs=40, bs=16, lr=1e-4, wd=0.05, drop_path=0.1, top_r=0.1)
+# The CPU demo recipe: a small ViT from scratch on the generated set, a few minutes on 2 cores.
+DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30, bs=16, lr=2e-3, wd=0.05,
+            drop_path=0.0, top_r=0.2)
+# Everything else a run is configured by.
+DEFAULTS = dict(data="data_json", data_root=None, demo=False, valid_pct=0.1, seed=42, out="models", map_every=5,
+                wandb_project="twins-dcal", wandb_entity=WANDB_ENTITY, wandb=True, glca=True, pwca=True)
+# What makes a checkpoint's weights fit a model: these must match on --resume.
+MODEL_KEYS = ("arch", "size", "patch_size", "glca", "pwca", "top_r")
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_config(flags: dict, base: dict) -> dict:
+    """The run's configuration: `base` (a recipe, or the checkpoint's config on resume) over the
+    defaults, with the flags the user gave (those not None) on top."""
+    return {**DEFAULTS, **base, **{k: v for k, v in flags.items() if v is not None}}

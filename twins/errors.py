@@ -1,0 +1,18 @@
+"""The project's errors. Library code raises them; only `train.py`, `export.py` and `interpret.py`
+turn them into a one-line message (`label: message`) and an exit status, so that the same calls
+behave normally inside a notebook."""
+
+
+class TwinsError(Exception):
+    """Something the user can fix: the message says what and where."""
+    label = "Error"
+
+
+class DataError(TwinsError):
+    """Bad input data: the message says which file and which ids or paths."""
+    label = "Data error"
+
+
+class CheckpointError(TwinsError):
+    """A checkpoint or exported learner that is missing, unreadable, foreign, or does not fit the run."""
+    label = "Checkpoint error"

@@ -1,0 +1,66 @@
+"""Encoding cached images, the verification threshold, and the twins-only test report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_curve
+
+from .data import Split, TwinData
+from .metrics import protocol_scores, verification_report
+from .model import DCAL
+from .viz import plot_roc
+
+
+@torch.no_grad()
+def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
+    """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
+    rollout, GLCA-selected patches, on the CPU."""
+    dc, dev = model.data_config, next(model.parameters()).device
+    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
+    model.eval()
+    parts = []
+    for i in range(0, len(cache), bs):
+        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+            out = model.encode((cache[i:i + bs].to(dev).float() / 255 - mean) / std)
+        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:
+    """The verification embedding of every cached image."""
+    return model.embedding(encode_all(model, cache))
+
+
+def split_report(model: DCAL, split: Split, cache: torch.Tensor, threshold: float | None = None):
+    """(twins-only report, scores, is_genuine, image pairs) of one split."""
+    scores, genuine, pairs = protocol_scores(embed_images(model, cache), split.person, split.twin_pairs)
+    return verification_report(scores, genuine, threshold), scores, genuine, pairs
+
+
+def choose_threshold(model: DCAL, split: Split, cache: torch.Tensor, is_valid: bool) -> tuple[float, str, dict]:
+    """The verification threshold: the EER threshold on the validation twins, or on the training
+    twins (flagged as optimistic) when the run has no validation split. Returns (threshold, source, report)."""
+    rep = split_report(model, split, cache)[0]
+    source = ("validation twins (EER threshold)" if is_valid
+              else "training twins (no validation split: --valid-pct 0), optimistic")
+    return rep["eer_threshold"], source, rep
+
+
+def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
+    """Test on the twins-only protocol, at the threshold chosen on validation (the validation EER
+    threshold; the training twins' when there is no validation split). Writes `test_report.json` and
+    `roc.png` to `out`; returns the report."""
+    has_valid = data.valid is not None
+    chosen, source, rep = choose_threshold(model, data.valid if has_valid else data.train,
+                                           data.caches["valid" if has_valid else "train"], has_valid)
+    test, scores, genuine, _ = split_report(model, data.test, data.caches["test"], chosen)
+    test["threshold_source"] = source
+    test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
+    report = {"test": test, "valid": rep if has_valid else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "test_report.json").write_text(json.dumps(report, indent=2))
+    far, tar, _ = roc_curve(genuine, scores)
+    plot_roc(far, tar, test, out / "roc.png")
+    return report
