@@ -2,16 +2,24 @@
 
     python train.py --fresh                  # from ImageNet-pretrained timm weights (the Kaggle recipe)
     python train.py --resume models/ep20     # continue from the checkpoint written after epoch 20
+    python train.py --fresh --check          # a few minutes: will the run work here, and how long will it take?
     python train.py --fresh --demo           # the generated demo set, a small CPU recipe
 """
-import argparse
-import warnings
+import time
 
-from twins.app import train
-from twins.checkpoint import checkpoint_path, load_checkpoint
-from twins.config import DEFAULTS, DEMO, KAGGLE, resolve_config
-from twins.demo import make_demo
-from twins.errors import TwinsError
+PROCESS_START = time.time()  # --time-limit counts from here, before the slow imports
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from twins.app import find_lr, train  # noqa: E402
+from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
+from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config  # noqa: E402
+from twins.demo import make_demo  # noqa: E402
+from twins.errors import TwinsError  # noqa: E402
+from twins.preflight import preflight  # noqa: E402
 
 DEMO_DIR = "demo"
 
@@ -24,15 +32,35 @@ def default(key: str) -> str:
     return f"default: {value}" + (f"; demo {DEMO[key]}" if DEMO[key] != KAGGLE[key] else "")
 
 
+def batch_size(text: str):
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of pairs or 'auto', got {text!r}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--fresh", action="store_true", help="start a new run (from the arch's pretrained weights)")
-    mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint, e.g. models/ep20 (.pth optional); "
-                      "the run's settings come from the checkpoint")
+    mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint, e.g. models/ep20 (.pth optional), "
+                      "or from the newest ep*.pth of a folder; the run's settings come from the checkpoint (a "
+                      "read-only one too: new files go to --out)")
+    p.add_argument("--check", action="store_true", help="with --fresh: data, model, batch search, timed steps, "
+                   "validation and a checkpoint round trip in a few minutes, then the projected time; no training")
+    p.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder on this "
+                   "model and data (plot in --out), no training")
     p.add_argument("--epochs", type=int, help=f"total epochs of the one-cycle schedule ({default('epochs')})")
     p.add_argument("--lr", type=float, help=f"peak learning rate of the one-cycle schedule ({default('lr')})")
-    p.add_argument("--bs", type=int, help=f"pairs per batch ({default('bs')})")
+    p.add_argument("--bs", type=batch_size, help="pairs per optimiser step, or 'auto': on a GPU the largest batch "
+                   "that fits (learning rate scaled with it; gradient accumulation when memory is short), on the "
+                   f"CPU the recipe's ({default('bs')}; auto unless given)")
+    p.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute each block's activations in "
+                   "the backward pass: less memory per pair (larger batches fit), about 20%% more time per step")
+    p.add_argument("--time-limit", type=float, metavar="HOURS", help="stop cleanly, with a checkpoint and the "
+                   "command that resumes, before an epoch that would end past HOURS after the start (default on "
+                   f"Kaggle: {KAGGLE_TIME_LIMIT_H}; elsewhere none)")
     p.add_argument("--size", type=int, help=f"square input size in pixels ({default('size')})")
     p.add_argument("--arch", help=f"timm ViT with a class token ({default('arch')})")
     p.add_argument("--patch-size", type=int, help=f"override the backbone's patch size ({default('patch_size')})")
@@ -57,21 +85,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
     p.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
     p.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging at all")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.check or args.lr_find) and not args.fresh:
+        p.error("--check and --lr-find go with --fresh")
+    return args
 
 
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("fresh", "resume")}
+    modes = ("fresh", "resume", "check", "lr_find", "time_limit")
+    flags = {k: v for k, v in vars(args).items() if k not in modes}
+    if isinstance(args.bs, int):
+        flags.update(bs_auto=False, accum=1)  # exactly this batch
+    elif args.bs == "auto":
+        flags.update(bs=None, bs_auto=True)
+    limit = args.time_limit if args.time_limit is not None else (
+        KAGGLE_TIME_LIMIT_H if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else None)
     try:
-        ckpt = load_checkpoint(args.resume) if args.resume else None
+        source = checkpoint_path(args.resume) if args.resume else None
+        ckpt = load_checkpoint(source) if source else None
         cfg = resolve_config(flags, ckpt["config"] if ckpt else DEMO if args.demo else KAGGLE)
         if cfg["demo"] and args.data is None and args.data_root is None and not ckpt:
             cfg["data"] = str(make_demo(DEMO_DIR))
             cfg["data_root"] = f"{DEMO_DIR}/images"
-        print("Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-        train(cfg, ckpt, str(checkpoint_path(args.resume)) if ckpt else None)
+        print("Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+              + (f"; time limit {limit} h from the start" if limit is not None else ""))
+        if args.check:
+            sys.exit(0 if preflight(cfg, limit) else 1)
+        if args.lr_find:
+            find_lr(cfg)
+            return
+        train(cfg, ckpt, str(source) if source else None,
+              deadline=PROCESS_START + 3600 * limit if limit is not None else None)
     except TwinsError as e:
         raise SystemExit(f"{e.label}: {e}") from None
 

@@ -4,6 +4,7 @@ of DCAL against the plain ViT siamese baseline at the same batch.
     python -m scripts.bench                                  # the demo recipe
     python -m scripts.bench --arch vit_small_patch16_224 --patch-size 16 --size 224 --bs 4 --reps 2
     python -m scripts.bench --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
+    python -m scripts.bench --memory-only --arch vit_small_patch16_224 --patch-size 16 --size 448 --bs 1
 """
 import argparse
 import resource
@@ -22,8 +23,9 @@ from twins.loss import DCALLoss
 from twins.model import DCAL
 
 
-def build(arch, size, patch, dcal: bool, fused: bool = True) -> DCAL:
-    m = DCAL(arch, 300, size, pretrained=False, drop_path=0.0, top_r=0.1, glca=dcal, pwca=dcal, patch_size=patch)
+def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = False) -> DCAL:
+    m = DCAL(arch, 300, size, pretrained=False, drop_path=0.0, top_r=0.1, glca=dcal, pwca=dcal, patch_size=patch,
+             grad_ckpt=grad_ckpt)
     for blk in list(m.vit.blocks) + ([m.glca_block] if dcal else []):
         blk.attn.fused_attn = fused
     return m
@@ -67,7 +69,8 @@ def timed(fn, reps, dev) -> float:
 def peak_memory_child(args):
     """Peak memory of one train step, in a fresh process so that the figure is this step's alone."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(args.arch, args.size, args.patch_size, dcal=True, fused=not args.explicit).to(dev)
+    model = build(args.arch, args.size, args.patch_size, dcal=True, fused=not args.explicit,
+                  grad_ckpt=args.grad_ckpt).to(dev)
     b = batch(args.bs, args.size, dev)
     with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
         train_step(model, b, DCALLoss())
@@ -89,6 +92,20 @@ def loader_speed(size, bs, n=2000) -> float:
     return pairs / (time.perf_counter() - t)
 
 
+def peak_memory(args) -> None:
+    """One DCAL train step's peak memory: fused attention, explicit softmax, fused with --grad-ckpt."""
+    dev_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mem = {}
+    for label, extra in (("fused", []), ("explicit softmax", ["--explicit"]), ("fused + grad-ckpt", ["--grad-ckpt"])):
+        cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
+               "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
+        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                          cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
+    unit = "GiB allocated on the GPU" if dev_type == "cuda" else "GiB process peak RSS"
+    print(f"  peak memory of one DCAL train step ({args.bs} pairs at {args.size}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" {unit}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=DEMO["arch"])
@@ -98,11 +115,15 @@ def main():
     p.add_argument("--bs", type=int, default=DEMO["bs"], help="pairs per batch")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--flops-only", action="store_true")
+    p.add_argument("--memory-only", action="store_true")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--explicit", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
         return peak_memory_child(args)
+    if args.memory_only:
+        return peak_memory(args)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; arch {args.arch}, patch {args.patch_size or 'default'}")
@@ -134,18 +155,15 @@ def main():
         print(f"  {k:12s} {1000 * v:9.1f} ms   {2 * args.bs / v:8.1f} images/s")
     print(f"  ratio train DCAL/plain {t['train DCAL'] / t['train plain']:.2f} (target <= 2.3), "
           f"eval DCAL/plain {t['eval DCAL'] / t['eval plain']:.2f} (target <= 1.10)")
+    recompute = build(args.arch, args.size, args.patch_size, True, grad_ckpt=True).to(dev)
+    with amp:
+        t_ckpt = timed(lambda: train_step(recompute, b, loss_fn), args.reps, dev)
+    print(f"  train DCAL with --grad-ckpt {1000 * t_ckpt:.1f} ms: {t_ckpt / t['train DCAL']:.2f}x the time without")
     if dev.type == "cuda":
         counted = build(args.arch, args.size, args.patch_size, True, fused=False).to(dev)
         tflops = flops(lambda: train_step(counted, b, loss_fn)) / t["train DCAL"] / 1e12
         print(f"  DCAL train: {tflops:.2f} TFLOP/s achieved")
-    mem = {}
-    for label, extra in (("fused", []), ("explicit", ["--explicit"])):
-        cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
-               "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
-        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                          cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
-    unit = "GiB allocated on the GPU" if dev.type == "cuda" else "GiB process peak RSS"
-    print(f"  peak memory of one DCAL train step: fused {mem['fused']:.2f}, explicit softmax {mem['explicit']:.2f} {unit}")
+    peak_memory(args)
     pairs_s = loader_speed(args.size, args.bs)
     print(f"  loader: {pairs_s:.0f} pairs/s from the RAM cache with augmentation "
           f"({pairs_s / (args.bs / t['train DCAL']):.1f}x what the DCAL train step consumes)")

@@ -1,9 +1,11 @@
 import os
 
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported: before any twins import
 
-from helpers import TINY, run
-from twins.demo import make_demo
+import pytest  # noqa: E402
+
+from helpers import TINY, run  # noqa: E402
+from twins.demo import make_demo  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # nothing may try the network
 

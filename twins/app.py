@@ -1,16 +1,24 @@
-"""Training: the Learner for a run, and fresh or resumed training up to the test report."""
+"""Training: the Learner for a run; fresh or resumed training up to the test report; the learning
+rate finder."""
 from __future__ import annotations
 
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
+from fastcore.basics import noop
 
-from .callbacks import AttentionMaps, BranchLogger, Checkpoint, TimmWeightDecay
-from .checkpoint import check_compatible, restore
+from .batch import MARGIN, MAX_FACTOR, largest_fitting, plan, training_step
+from .callbacks import AttentionMaps, BranchLogger, Checkpoint, EpochReport, TimmWeightDecay, span
+from .checkpoint import check_compatible, epoch_path, restore
 from .config import device
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
 from .errors import CheckpointError
@@ -23,41 +31,76 @@ from .tracking import Wandb, log_figure, start_wandb
 SAVE_EVERY = 5  # epochs between checkpoints (and the last epoch)
 
 
+def choose_batch(cfg: dict, model: DCAL, n_classes: int) -> None:
+    """`--bs auto`: on CUDA, search the largest batch that fits and set cfg's bs, accum and lr from it;
+    on the CPU keep the recipe's batch."""
+    if not torch.cuda.is_available():
+        print(f"Batch: {cfg['bs']} pairs per step (the recipe's; no GPU to measure)")
+        return
+    start = MAX_FACTOR * cfg["bs"]
+    print(f"Batch: searching the largest that fits on {torch.cuda.get_device_name()}, from {start} pairs down")
+    t = time.time()
+    fits = largest_fitting(training_step(model, n_classes, cfg["size"], device()), start)
+    torch.cuda.empty_cache()
+    chosen = plan(fits, cfg["bs"], cfg["lr"])
+    micro = chosen["bs"] // chosen["accum"]
+    how = f"{chosen['accum']} micro-batches of {micro}" if chosen["accum"] > 1 else "one batch"
+    scaled = f" (scaled from {cfg['lr']:.3g} at {cfg['bs']})" if chosen["lr"] != cfg["lr"] else ""
+    print(f"Batch: {fits} pairs fit (search {span(time.time() - t)}); with a {MARGIN:.0%} margin: {chosen['bs']} "
+          f"pairs per step in {how}, peak lr {chosen['lr']:.3g}{scaled}")
+    cfg.update(chosen)
+
+
 def make_learner(cfg: dict, data: TwinData, model: DCAL) -> Learner:
     dc = model.data_config
     dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
-                           bs=cfg["bs"], size=cfg["size"], mean=dc["mean"], std=dc["std"], seed=cfg["seed"],
-                           device=device())
+                           bs=cfg["bs"] // cfg["accum"], size=cfg["size"], mean=dc["mean"], std=dc["std"],
+                           seed=cfg["seed"], device=device())
     metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
+    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs()]
+    if cfg["accum"] > 1:
+        cbs.append(GradientAccumulation(n_acc=cfg["bs"]))  # counts pairs: one step per cfg["bs"] pairs
     learn = Learner(dls, model, loss_func=DCALLoss(), opt_func=partial(Adam, eps=1e-6), lr=cfg["lr"], wd=cfg["wd"],
-                    metrics=metrics, cbs=[TimmWeightDecay(), BranchLogger(), RedrawPairs()], path=".",
-                    model_dir=cfg["out"])
+                    metrics=metrics, cbs=cbs, path=".", model_dir=cfg["out"])
+    if not sys.stdout.isatty():  # a log file (Kaggle, nohup) gets EpochReport's line, not progress bars
+        learn.remove_cb(ProgressCallback)
+        learn.logger = noop
     if torch.cuda.is_available():
         learn.to_fp16()
     return learn
 
 
-def train(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> dict:
-    """Fresh training, or (with `ckpt`, read from `source`) its continuation; returns the test report."""
+def build(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> tuple[TwinData, Learner]:
+    """The data and the Learner of a run: fresh (batch chosen for this GPU with `bs_auto`), or with a
+    checkpoint's weights and optimizer state."""
     check_cuda_arch()
+    if ckpt is not None and ckpt["epoch"] >= cfg["epochs"]:
+        raise CheckpointError(f"checkpoint {source} is at epoch {ckpt['epoch']}, already the last of --epochs "
+                              f"{cfg['epochs']}; pass a larger --epochs to train further")
     set_seed(cfg["seed"])  # python, numpy and torch: fastai's shuffling draws from python's random
     data = prepare_data(cfg)
-    start = 0
     if ckpt is not None:
         check_compatible(ckpt, cfg, list(data.classes), f"checkpoint {source}")
-        start = ckpt["epoch"]
-        if start >= cfg["epochs"]:
-            raise CheckpointError(f"checkpoint {source} is at epoch {start}, already the last of --epochs "
-                                  f"{cfg['epochs']}; pass a larger --epochs to train further")
     model = DCAL.from_config(cfg, len(data.classes), pretrained=cfg["pretrained"] and ckpt is None)
+    if ckpt is None and cfg["bs_auto"]:
+        choose_batch(cfg, model, len(data.classes))
     learn = make_learner(cfg, data, model)
     if ckpt is not None:
         restore(learn, ckpt, source)
-        print(f"Resuming from {source}: epoch {start} of {cfg['epochs']} done")
+        print(f"Resuming from {source}: epoch {ckpt['epoch']} of {cfg['epochs']} done")
+    return data, learn
+
+
+def train(cfg: dict, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None) -> dict | None:
+    """Fresh training, or (with `ckpt`, read from `source`) its continuation. Returns the test report,
+    or None when the run stopped before `deadline` (a time.time() value) with a checkpoint to resume."""
+    data, learn = build(cfg, ckpt, source)
+    start = ckpt["epoch"] if ckpt else 0
     run = start_wandb(cfg, ckpt.get("wandb_id") if ckpt else None)
     out = Path(cfg["out"])
+    report = EpochReport(deadline)
     cbs = [Checkpoint(out, SAVE_EVERY, {"config": cfg, "classes": list(data.classes),
-                                        "wandb_id": run.id if run else None})]
+                                        "wandb_id": run.id if run else None}), report]
     if run is not None:
         cbs.append(Wandb(log=None, log_preds=False, log_model=False))
     if cfg["glca"]:
@@ -65,8 +108,15 @@ def train(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> dic
         cbs.append(AttentionMaps(data.valid if has_valid else data.train, data.caches["valid" if has_valid else "train"],
                                  out / "maps", cfg["map_every"], n=4, seed=cfg["seed"]))
     learn.fit_one_cycle(cfg["epochs"], cfg["lr"], cbs=cbs, start_epoch=start)
-    report = evaluate(learn.model, data, out)
-    t = report["test"]
+    if report.stopped:
+        done = learn.epoch
+        print(f"Stopped after epoch {done} of {cfg['epochs']}: the next epoch would end past the time limit. "
+              f"Checkpoint {epoch_path(out, done)}; continue with:\n  python train.py --resume {epoch_path(out, done)}")
+        if run is not None:
+            run.finish()
+        return None
+    result = evaluate(learn.model, data, out)
+    t = result["test"]
     print(f"Test (twins-only, {t['n_genuine']} genuine / {t['n_impostor']} twin-impostor pairs): "
           f"EER {100 * t['eer']:.2f}%  AUC {t['auc']:.4f}  accuracy {100 * t['accuracy']:.2f}% at threshold "
           f"{t['threshold']:.3f} from {t['threshold_source']}; report in {out / 'test_report.json'}")
@@ -74,4 +124,22 @@ def train(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> dic
         run.log({f"test/{k}": v for k, v in t.items() if isinstance(v, (int, float))}, commit=False)
         log_figure("test/roc", out / "roc.png")
         run.finish()
-    return report
+    return result
+
+
+def find_lr(cfg: dict) -> float:
+    """fastai's learning-rate finder on this model and data (no training is kept): the plot goes to
+    `out/lr_find.png`; returns the suggested peak learning rate (fastai's `valley`)."""
+    recipe_bs, recipe_lr = cfg["bs"], cfg["lr"]
+    _, learn = build(cfg)
+    found = learn.lr_find(show_plot=False).valley
+    learn.recorder.plot_lr_find()
+    path = Path(cfg["out"]) / "lr_find.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.gcf().savefig(path, dpi=110)
+    plt.close("all")
+    suggestion = found * recipe_bs / cfg["bs"]  # --lr is the peak at the recipe's batch (auto may raise the batch)
+    print(f"lr_find at {cfg['bs']} pairs per step: valley {found:.3g}, i.e. --lr {suggestion:.3g} at the recipe's "
+          f"{recipe_bs} pairs (the recipe's: {recipe_lr:.3g}); plot {path}.\n"
+          f"Train with the same flags and --lr {suggestion:.3g}, e.g. python train.py --fresh --lr {suggestion:.3g}")
+    return suggestion

@@ -1,12 +1,14 @@
-"""Training callbacks: weight-decay groups, branch-loss logging, and the periodic checkpoint and
-attention-map capture."""
+"""Training callbacks: weight-decay groups, branch-loss logging, the periodic checkpoint and
+attention-map capture, and the per-epoch report with the time budget."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.progress import ProgressCallback
 from fastai.callback.wandb import WandbCallback
 from fastai.learner import Recorder
 
@@ -15,6 +17,13 @@ from .data import Split
 from .evaluate import encode_all
 from .tracking import log_figure, wandb_run
 from .viz import maps_of, plot_pairs
+
+
+def span(seconds: float) -> str:
+    """A duration as people read it: 42 s, 3.5 min, 2.25 h."""
+    if abs(seconds) < 60:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if abs(seconds) < 3600 else f"{seconds / 3600:.2f} h"
 
 
 class TimmWeightDecay(Callback):
@@ -30,7 +39,7 @@ class TimmWeightDecay(Callback):
 
 
 class BranchLogger(Callback):
-    """Each branch loss and uncertainty weight: to W&B every batch, and a line per epoch on screen."""
+    """Each branch loss and uncertainty weight: to W&B every batch; their epoch means in `means()`."""
     order, run_valid = WandbCallback.order - 1, False  # its uncommitted values ride on W&B's commit of the batch
 
     def before_epoch(self):
@@ -45,10 +54,8 @@ class BranchLogger(Callback):
         if (run := wandb_run()) is not None:
             run.log({f"branch/{k}": v for k, v in last.items()}, commit=False)
 
-    def after_epoch(self):
-        if self.count:
-            print(f"epoch {self.epoch + 1} lr {self.opt.hypers[-1]['lr']:.6e} train branches: "
-                  + "  ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items()))
+    def means(self) -> dict:
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
 
 
 class EveryNEpochs(Callback):
@@ -74,15 +81,27 @@ class EveryNEpochs(Callback):
 
 
 class Checkpoint(EveryNEpochs):
-    """`ep{N}.pth` (N = epochs completed) in `folder`, with `meta` (config, training ids, W&B run id)."""
+    """`ep{N}.pth` (N = epochs completed) in `folder`, with `meta` (config, training ids, W&B run id);
+    also for the last trained epoch when the run is stopped between checkpoints (time limit)."""
     order = Recorder.order + 1
 
     def __init__(self, folder: Path, every: int, meta: dict):
         super().__init__(every)
         self.folder, self.meta = Path(folder), meta
+        self.trained_to = self.saved = None
+
+    def after_epoch(self):
+        if self.trained:
+            self.trained_to = self.epoch + 1
+        super().after_epoch()
 
     def act(self, done: int):
         save_checkpoint(epoch_path(self.folder, done), self.learn, done, self.meta)
+        self.saved = done
+
+    def after_fit(self):
+        if self.trained_to is not None and self.saved != self.trained_to:
+            self.act(self.trained_to)
 
 
 class AttentionMaps(EveryNEpochs):
@@ -114,3 +133,53 @@ class AttentionMaps(EveryNEpochs):
         path = self.folder / f"ep{done}.png"
         plot_pairs(rows, path, title=f"twin pairs, epoch {done}: rollout + GLCA tokens")
         log_figure("attention_maps", path, commit=False)
+
+
+class EpochReport(EveryNEpochs):
+    """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the
+    epoch's time (validation, heatmaps and checkpoint included), training pairs/s, peak GPU memory, and
+    when the run will end. Before an epoch that would end past `deadline` (a time.time() value), the
+    run stops cleanly (CancelFitException: `Checkpoint` saves the last epoch) and `stopped` says so."""
+    order = ProgressCallback.order + 1  # after everything else an epoch does
+
+    def __init__(self, deadline: float | None):
+        super().__init__(every=1)
+        self.deadline, self.times, self.stopped = deadline, [], False
+
+    def before_epoch(self):
+        if self.deadline is not None and self.times and time.time() + max(self.times) > self.deadline:
+            self.stopped = True
+            raise CancelFitException()
+        super().before_epoch()
+        self.start = time.time()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def before_train(self):
+        self.train_start = time.time()
+
+    def after_train(self):
+        super().after_train()
+        self.pairs_per_s = self.n_iter * self.dls.train.bs / (time.time() - self.train_start)
+
+    def act(self, done: int):
+        took = time.time() - self.start
+        self.times.append(took)
+        left = (self.n_epoch - done) * sum(self.times) / len(self.times)
+        stats = {"epoch_s": took, "pairs_per_s": self.pairs_per_s, "hours_to_end": left / 3600}
+        if torch.cuda.is_available():
+            stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        names = self.recorder.metric_names[1:-1]  # without "epoch" and "time"
+        values = {n: v for n, v in zip(names, self.recorder.log[1:]) if v is not None}
+        line = (f"epoch {done}/{self.n_epoch} lr {self.opt.hypers[-1]['lr']:.6e} "
+                + " ".join(f"{n} {v:.4f}" for n, v in values.items())
+                + " | " + " ".join(f"{k} {v:.4f}" for k, v in self.learn.branch_logger.means().items())
+                + f" | {span(took)}, {self.pairs_per_s:.1f} pairs/s")
+        if "peak_gpu_gib" in stats:
+            line += f", peak GPU {stats['peak_gpu_gib']:.2f} GiB"
+        line += f" | ends in {span(left)}"
+        if self.deadline is not None:
+            line += f" (time limit in {span(self.deadline - time.time())})"
+        print(line, flush=True)
+        if (run := wandb_run()) is not None:
+            run.log({f"epoch/{k}": v for k, v in stats.items()}, commit=False)

@@ -18,8 +18,10 @@ REQUIRED = ("model", "opt", "epoch", "config", "classes")
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """`models/ep20` and `models/ep20.pth` both name `models/ep20.pth`."""
+    """`models/ep20` and `models/ep20.pth` both name `models/ep20.pth`; a folder names its newest `ep*.pth`."""
     p = Path(path)
+    if p.is_dir():
+        return newest_checkpoint(p)
     return p if p.suffix == ".pth" else p.with_name(p.name + ".pth")
 
 

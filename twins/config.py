@@ -5,7 +5,9 @@ import torch
 
 WANDB_ENTITY = "hunchoquavodb-hanoi-university-of-science-and-technology"
 
-# The Kaggle recipe (P100, 16 GB): see PLAN.md "Input size" for the figures behind it.
+# The Kaggle recipe (P100 or T4, 16 GB): see PLAN.md "Input size" for the figures behind it. `bs` and `lr`
+# go together: `--bs auto` (the default) keeps them when memory is short (gradient accumulation) and
+# scales `lr` with the batch when it is raised to fill the GPU (twins/batch.py).
 KAGGLE = dict(arch="vit_small_patch16_224.augreg_in21k_ft_in1k", size=448, patch_size=None, pretrained=True,
               epochs=40, bs=16, lr=1e-4, wd=0.05, drop_path=0.1, top_r=0.1)
 # The CPU demo recipe: a small ViT from scratch on the generated set, a few minutes on 2 cores.
@@ -13,7 +15,11 @@ DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30,
             drop_path=0.0, top_r=0.2)
 # Everything else a run is configured by.
 DEFAULTS = dict(data="data_json", data_root=None, demo=False, valid_pct=0.1, seed=42, out="models", map_every=5,
-                wandb_project="twins-dcal", wandb_entity=WANDB_ENTITY, wandb=True, glca=True, pwca=True)
+                wandb_project="twins-dcal", wandb_entity=WANDB_ENTITY, wandb=True, glca=True, pwca=True,
+                bs_auto=True, accum=1, grad_ckpt=False)
+# Kaggle ends a session at 12 h, and a "Save & Run All" version that runs past it keeps no output:
+# stop (with a checkpoint) before an epoch that would end past this, leaving time for the test report.
+KAGGLE_TIME_LIMIT_H = 11.5
 # What makes a checkpoint's weights fit a model: these must match on --resume.
 MODEL_KEYS = ("arch", "size", "patch_size", "glca", "pwca", "top_r")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,7 @@ def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Ten
     print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM")
     cache = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     arrays = parallel(load_face, paths, size=size, n_workers=min(8, os.cpu_count() or 1), threadpool=True,
-                      progress=True)
+                      progress=sys.stdout.isatty())  # a log file gets no progress bar
     for i, a in enumerate(arrays):
         cache[i].numpy()[...] = a
     return cache

@@ -11,7 +11,8 @@
   keys/values concatenated with its partner's from the partner's SA stream (detached), one softmax.
 - Embedding: concat(SA class token, GLCA feature), L2-normalised; pair score = cosine.
 All attention for forward and backward runs through the fused `scaled_dot_product_attention`
-kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path).
+kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path). With
+`grad_ckpt`, each block's activations are recomputed in the backward pass instead of kept.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import copy
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Attention  # also where timm < 1.0.19 defines it
 from torch import nn
 
@@ -96,16 +98,26 @@ class DCAL(nn.Module):
     """Siamese DCAL: `model(xa, xb)` -> dict of class-token features, identity cosines and embeddings."""
 
     def __init__(self, arch: str, n_classes: int, img_size: int, pretrained: bool = True, drop_path: float = 0.1,
-                 top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None):
+                 top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None,
+                 grad_ckpt: bool = False):
         super().__init__()
         extra = {} if patch_size is None else {"patch_size": patch_size}
-        self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
-                                           drop_path_rate=drop_path, **extra)
+        try:
+            self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
+                                               drop_path_rate=drop_path, **extra)
+        except RuntimeError as e:  # timm's own word for an unknown model name or a bad argument
+            raise TwinsError(f"--arch {arch}: {e}") from None
+        except Exception as e:  # only the download can fail otherwise (hub unreachable, no Internet)
+            if not pretrained:
+                raise
+            raise TwinsError(f"the pretrained weights of {arch} could not be downloaded ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}). On Kaggle switch the notebook's "
+                             "Internet on (Settings), or train from scratch with --no-pretrained") from None
         if vit.cls_token is None or vit.num_prefix_tokens != 1 or not all(
                 isinstance(b.attn, Attention) and getattr(b.attn, "gate", None) is None for b in vit.blocks):
             raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
                              "blocks (vit_*, deit_*)")
-        self.use_glca, self.use_pwca = glca, pwca
+        self.use_glca, self.use_pwca, self.grad_ckpt = glca, pwca, grad_ckpt
         self.n_patches = vit.patch_embed.num_patches
         self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
         dim = vit.embed_dim
@@ -124,7 +136,7 @@ class DCAL(nn.Module):
         """The model a run's configuration describes (`pretrained` overrides the config's)."""
         return cls(cfg["arch"], n_classes, cfg["size"], pretrained=cfg["pretrained"] if pretrained is None else pretrained,
                    drop_path=cfg["drop_path"], top_r=cfg["top_r"], glca=cfg["glca"], pwca=cfg["pwca"],
-                   patch_size=cfg["patch_size"])
+                   patch_size=cfg["patch_size"], grad_ckpt=cfg.get("grad_ckpt", False))
 
     @property
     def data_config(self) -> dict:
@@ -154,28 +166,39 @@ class DCAL(nn.Module):
         out = block_tail(blk, x_sel, attend(attn, q, attn.k_norm(k), v))
         return self.glca_norm(out).mean(1), top - 1
 
+    def block(self, blk: nn.Module, x: torch.Tensor, x_pw: torch.Tensor | None, partner: torch.Tensor | None):
+        """One SA block on the SA stream `x` and, when given, the PWCA stream `x_pw` with the same weights.
+        Returns (x, x_pw, head-mean attention map of the SA stream or None without GLCA)."""
+        n = len(x)
+        h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
+        q, k, val = qkv_heads(blk.attn, h)
+        probs = S = None
+        if self.use_glca:
+            probs = attention_probs(blk.attn, q[:n], k[:n])
+            S = probs.mean(1)
+            # with gradient, the fused kernel recomputes attention (no N x N kept for backward);
+            # without, the probabilities just computed give the output at no extra cost
+            probs = None if torch.is_grad_enabled() else probs
+        if x_pw is not None:
+            kd, vd = k[:n][partner].detach(), val[:n][partner].detach()
+            pw = attend(blk.attn, q[n:], torch.cat([k[n:], kd], 2), torch.cat([val[n:], vd], 2))
+            x_pw = block_tail(blk, x_pw, pw)
+        return block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n], probs)), x_pw, S
+
     def encode(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
         """Run SA (+ PWCA when `partner` gives each image's partner index in the batch) and GLCA."""
         x = self.tokens(x)
         x_pw = x if partner is not None else None
         maps, last_in = [], x
+        recompute = self.grad_ckpt and torch.is_grad_enabled()
         for blk in self.vit.blocks:
             last_in = x
-            n = len(x)
-            h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
-            q, k, val = qkv_heads(blk.attn, h)
-            probs = None
-            if self.use_glca:
-                probs = attention_probs(blk.attn, q[:n], k[:n])
-                maps.append(probs.mean(1))
-                # with gradient, the fused kernel recomputes attention (no N x N kept for backward);
-                # without, the probabilities just computed give the output at no extra cost
-                probs = None if torch.is_grad_enabled() else probs
-            if x_pw is not None:
-                kd, vd = k[:n][partner].detach(), val[:n][partner].detach()
-                pw = attend(blk.attn, q[n:], torch.cat([k[n:], kd], 2), torch.cat([val[n:], vd], 2))
-                x_pw = block_tail(blk, x_pw, pw)
-            x = block_tail(blk, x, attend(blk.attn, q[:n], k[:n], val[:n], probs))
+            if recompute:  # keeps only the block's inputs for backward; the RNG state is replayed (drop-path)
+                x, x_pw, S = checkpoint(self.block, blk, x, x_pw, partner, use_reentrant=False)
+            else:
+                x, x_pw, S = self.block(blk, x, x_pw, partner)
+            if S is not None:
+                maps.append(S)
         out = {"sa": self.vit.norm(x)[:, 0]}
         if x_pw is not None:
             out["pwca"] = self.vit.norm(x_pw)[:, 0]
