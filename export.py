@@ -17,23 +17,27 @@ import os
 import warnings
 from pathlib import Path
 
-from twins.checkpoint import model_from_checkpoint, newest_checkpoint
+from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
 from twins.errors import TwinsError
 from twins.inference import inference_learner, validation_threshold
 
 
 def export(args: argparse.Namespace) -> None:
-    ckpt_path = args.ckpt or newest_checkpoint("models")
+    ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
     model, cfg, ckpt = model_from_checkpoint(ckpt_path)
     threshold, source = validation_threshold(model, cfg, args.data, args.data_root)
-    learn = inference_learner(model, cfg, ckpt, threshold, source)
+    learn = inference_learner(model, cfg, ckpt, ckpt_path, threshold, source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: never mixed with another's
     learn.path = tmp.parent
-    learn.export(tmp.name)
-    os.replace(tmp, out)
-    print(f"Exported {ckpt_path} (epoch {ckpt['epoch']}) to {out}; threshold {threshold:.4f} from {source}")
+    try:
+        learn.export(tmp.name)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"Exported {ckpt_path} (run {cfg.get('run_id') or '(unnamed)'}, epoch {ckpt['epoch']}) to {out}; "
+          f"threshold {threshold:.4f} from {source}")
 
 
 def main(argv=None) -> None:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from twins.checkpoint import model_from_checkpoint, newest_checkpoint
+from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
 from twins.data import build_cache
 from twins.errors import TwinsError
 from twins.evaluate import encode_all
-from twins.inference import figure_rows, load_split, open_learner, single_pair, top_losses, validation_threshold
+from twins.inference import (describe, figure_rows, load_split, open_learner, single_pair, top_losses,
+                             validation_threshold)
 from twins.viz import plot_pairs
 
 
@@ -54,10 +55,13 @@ def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out:
 
 def interpret(args: argparse.Namespace) -> None:
     if args.ckpt or not Path(args.learner).is_file():
-        model, cfg, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
+        path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
+        model, cfg, ckpt = model_from_checkpoint(path)
+        print(f"Model: checkpoint {path} (run {cfg.get('run_id') or '(unnamed)'}, epoch {ckpt['epoch']})")
         threshold, _ = validation_threshold(model, cfg, args.data, args.data_root)
     else:
         learn = open_learner(args.learner)
+        print(f"Model: {describe(learn, Path(args.learner))}")
         model, cfg, threshold = learn.model.eval(), learn.twins["config"], learn.twins["threshold"]
     if args.pair:
         one_pair(model, cfg, threshold, args.pair, Path(args.out))

@@ -16,7 +16,7 @@ import warnings  # noqa: E402
 
 from twins.app import find_lr, train  # noqa: E402
 from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
-from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config  # noqa: E402
+from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config, resume_config  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
 from twins.preflight import preflight  # noqa: E402
@@ -80,32 +80,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--valid-pct", type=float, help="share of training twin families held out for validation, "
                    f"threshold and model choice ({default('valid_pct')}; 0 = train on all)")
     p.add_argument("--seed", type=int, help=f"seed for the split, the pairs and the model ({default('seed')})")
-    p.add_argument("--out", help=f"folder for checkpoints ep{{N}}.pth, attention maps and the test report ({default('out')})")
+    p.add_argument("--out", help="folder for checkpoints ep{N}.pth, attention maps and the test report; one run per "
+                   f"folder ({default('out')}; on --resume: the checkpoint's folder, or models if that is read-only)")
+    p.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
+    p.add_argument("--save-every", type=int, help=f"write a checkpoint every N epochs ({default('save_every')}; "
+                   "and the last, and wherever a stop happens)")
     p.add_argument("--map-every", type=int, help=f"save attention maps every N epochs ({default('map_every')})")
     p.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
     p.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
     p.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging at all")
     args = p.parse_args(argv)
-    if (args.check or args.lr_find) and not args.fresh:
-        p.error("--check and --lr-find go with --fresh")
+    if (args.check or args.lr_find or args.overwrite) and not args.fresh:
+        p.error("--check, --lr-find and --overwrite go with --fresh")
     return args
 
 
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args(argv)
-    modes = ("fresh", "resume", "check", "lr_find", "time_limit")
+    modes = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite")
     flags = {k: v for k, v in vars(args).items() if k not in modes}
-    if isinstance(args.bs, int):
-        flags.update(bs_auto=False, accum=1)  # exactly this batch
-    elif args.bs == "auto":
+    if args.bs == "auto":
         flags.update(bs=None, bs_auto=True)
+    elif args.bs is not None and args.fresh:
+        flags.update(bs_auto=False, accum=1)  # exactly this batch
     limit = args.time_limit if args.time_limit is not None else (
         KAGGLE_TIME_LIMIT_H if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else None)
     try:
         source = checkpoint_path(args.resume) if args.resume else None
         ckpt = load_checkpoint(source) if source else None
-        cfg = resolve_config(flags, ckpt["config"] if ckpt else DEMO if args.demo else KAGGLE)
+        if ckpt is None:
+            cfg = resolve_config(flags, DEMO if args.demo else KAGGLE)
+        else:
+            if args.out is None:  # beside the checkpoint it continues, unless that is read-only input
+                writable = os.access(source.parent, os.W_OK)
+                flags["out"] = str(source.parent) if writable else DEFAULTS["out"]
+                if not writable:
+                    print(f"{source.parent}/ is read-only: this run writes to {flags['out']}/")
+            cfg = resume_config(ckpt["config"], flags, str(source))
         if cfg["demo"] and args.data is None and args.data_root is None and not ckpt:
             cfg["data"] = str(make_demo(DEMO_DIR))
             cfg["data_root"] = f"{DEMO_DIR}/images"
@@ -117,9 +129,11 @@ def main(argv=None) -> None:
             find_lr(cfg)
             return
         train(cfg, ckpt, str(source) if source else None,
-              deadline=PROCESS_START + 3600 * limit if limit is not None else None)
+              deadline=PROCESS_START + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
     except TwinsError as e:
         raise SystemExit(f"{e.label}: {e}") from None
+    except KeyboardInterrupt:  # what was saved and how to resume is printed already
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is fir
 
 import pytest  # noqa: E402
 
-from helpers import TINY, run  # noqa: E402
+from helpers import TINY, jpeg, run, write_layout  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")  # nothing may try the network
@@ -26,3 +26,23 @@ def fresh_run(tiny_demo, tmp_path_factory):
     data = ["--data", str(json_dir), "--data-root", str(images)]
     p = run(["--fresh", "--epochs", "7", *TINY, *data], work)
     return work, data, p
+
+
+@pytest.fixture
+def small_layout(tmp_path):
+    """Two twin pairs in train, one in test, images under a foreign absolute prefix:
+    (json folder, image root, train info, test info)."""
+    root = tmp_path / "imgs"
+    prefix = "/home/someone/Work/Dataset/ND_TWIN"
+
+    def info(ids):
+        out = {}
+        for i in ids:
+            out[i] = []
+            for k in range(3):
+                jpeg(root / i / f"{i}d{k}.jpg", value=int(i) % 200 + k)
+                out[i].append(f"{prefix}/{i}/{i}d{k}.jpg")
+        return out
+    tr, te = info(["90003", "90004", "90056", "90059"]), info(["91001", "91002"])
+    folder = write_layout(tmp_path / "json", tr, [["90003", "90004"], ["90056", "90059"]], te, [["91001", "91002"]])
+    return folder, root, tr, te

@@ -1,9 +1,12 @@
 """What the tests share besides fixtures: the tiny recipe and real subprocess runs of the user's commands."""
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_JSON = ROOT.parent / "shared" / "nd_twin_json"
@@ -35,3 +38,17 @@ def tiny_config(tiny_demo, **overrides) -> dict:
     flags = dict(arch="test_vit", size=32, patch_size=8, pretrained=False, bs=8, lr=1e-3, top_r=0.25, valid_pct=0.25,
                  map_every=3, data=str(json_dir), data_root=str(images), wandb=False)
     return resolve_config({**flags, **overrides}, DEMO)
+
+
+def write_layout(folder: Path, train_info, train_pairs, test_info, test_pairs) -> Path:
+    """The four JSON files of the user's layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, obj in (("train_dataset_infor", train_info), ("train_twin_pairs", train_pairs),
+                      ("test_dataset_infor", test_info), ("test_twin_pairs", test_pairs)):
+        (folder / f"{name}.json").write_text(json.dumps(obj))
+    return folder
+
+
+def jpeg(path: Path, value: int = 128, size: int = 24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (value, 255 - value, value // 2)).save(path)

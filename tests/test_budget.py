@@ -8,7 +8,7 @@ from fastai.callback.core import Callback
 
 import train
 from helpers import TINY, lrs, run, tiny_config
-from twins.app import build
+from twins.app import build, prepare
 from twins.batch import largest_fitting, plan, training_step
 from twins.config import KAGGLE, resolve_config
 from twins.evaluate import encode_all
@@ -63,7 +63,7 @@ class CountSteps(Callback):
 
 def test_gradient_accumulation_steps_once_per_recipe_batch(tiny_demo):
     cfg = tiny_config(tiny_demo, bs=8, accum=2, bs_auto=False)
-    _, learn = build(cfg)
+    learn = build(cfg, prepare(cfg))
     assert learn.dls.train.bs == 4
     counter = CountSteps()
     learn.fit(1, 1e-3, cbs=counter)
@@ -75,7 +75,8 @@ def test_kaggle_recipe_trains_a_step_and_evaluates_on_the_cpu(tiny_demo):
     json_dir, images = tiny_demo
     cfg = resolve_config({"pretrained": False, "bs": 1, "bs_auto": False, "data": str(json_dir),
                           "data_root": str(images), "wandb": False}, KAGGLE)
-    data, learn = build(cfg)
+    data = prepare(cfg)
+    learn = build(cfg, data)
     assert learn.model.vit.patch_embed.grid_size == (28, 28) and learn.model.n_select == 78
     before = learn.model.glca_block.attn.qkv.weight.detach().clone()
     learn.fit(1, cfg["lr"], cbs=StepTimer(1, stop_after_valid=False))  # one training step, no validation
@@ -89,7 +90,7 @@ def test_time_limit_stops_with_a_checkpoint_that_resumes_like_any_other(fresh_ru
     _, data, p_full = fresh_run
     p = run(["--fresh", "--epochs", "7", *TINY, *data, "--time-limit", "0"], tmp_path, mode="disabled")
     assert "Stopped after epoch 1 of 7" in p.stdout and "python train.py --resume models/ep1.pth" in p.stdout
-    assert sorted(f.name for f in (tmp_path / "models").glob("*")) == ["ep1.pth"]
+    assert sorted(f.name for f in (tmp_path / "models").glob("*")) == ["ep1.pth", "run.json"]
     # the next session: the output of the last one is read-only input, new files go to --out
     prev = tmp_path / "input" / "previous"
     shutil.copytree(tmp_path / "models", prev)

@@ -9,41 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import SHARED_JSON
+from helpers import SHARED_JSON, jpeg, write_layout
 from twins.errors import DataError
 from twins.data import (build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
                         split_valid)
-
-
-def write_layout(folder: Path, train_info, train_pairs, test_info, test_pairs) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, obj in (("train_dataset_infor", train_info), ("train_twin_pairs", train_pairs),
-                      ("test_dataset_infor", test_info), ("test_twin_pairs", test_pairs)):
-        (folder / f"{name}.json").write_text(json.dumps(obj))
-    return folder
-
-
-def jpeg(path: Path, value: int = 128, size: int = 24):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), (value, 255 - value, value // 2)).save(path)
-
-
-@pytest.fixture
-def small_layout(tmp_path):
-    """Two twin pairs in train, one in test, images under a foreign absolute prefix."""
-    root = tmp_path / "imgs"
-    prefix = "/home/someone/Work/Dataset/ND_TWIN"
-    def info(ids):
-        out = {}
-        for i in ids:
-            out[i] = []
-            for k in range(3):
-                jpeg(root / i / f"{i}d{k}.jpg", value=int(i) % 200 + k)
-                out[i].append(f"{prefix}/{i}/{i}d{k}.jpg")
-        return out
-    tr, te = info(["90003", "90004", "90056", "90059"]), info(["91001", "91002"])
-    folder = write_layout(tmp_path / "json", tr, [["90003", "90004"], ["90056", "90059"]], te, [["91001", "91002"]])
-    return folder, root, tr, te
 
 
 @pytest.mark.skipif(not SHARED_JSON.is_dir(), reason="the user's JSON files (../shared/nd_twin_json) are not here")
@@ -110,7 +79,12 @@ def test_small_layout_loads(small_layout):
     (lambda tr, trp, te, tep: tr.update({"90004": tr["90004"][:1]}), "fewer than 2 images (1: 90004)"),
     (lambda tr, trp, te, tep: tr["90056"].append(tr["90003"][0]), "listed more than once"),
     (lambda tr, trp, te, tep: trp.pop(), "without a twin in train_twin_pairs.json (2: 90056, 90059)"),
-    (lambda tr, trp, te, tep: tep.append(["91001"]), "test_twin_pairs.json: expected a list of two-id lists"),
+    (lambda tr, trp, te, tep: tep.append(["91001"]), 'test_twin_pairs.json: an entry with 1 ids'),
+    (lambda tr, trp, te, tep: trp.append(["90003", "90004", "90056"]),
+     "an entry with 3 ids (.*): each entry is one twin pair; write a triplet as three pairs"),
+    (lambda tr, trp, te, tep: trp.append([90003, 90004]), 'ids must be strings, .* found \\[90003, 90004\\]'),
+    (lambda tr, trp, te, tep: trp.clear(), "train_twin_pairs.json: no twin pairs in it"),
+    (lambda tr, trp, te, tep: te.clear(), "test_dataset_infor.json: no people in it"),
 ])
 def test_each_validation_error_names_file_and_ids(tmp_path, small_layout, mutate, message):
     _, root, tr, te = small_layout

@@ -28,7 +28,7 @@ def checkpoint_scores(work, json_dir, images, n=6):
 def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(fresh_run, tiny_demo):
     work, _, _ = fresh_run
     p = run(["--ckpt", "models/ep7", "--out", "models/twins.pkl"], work, script="export.py")
-    assert "Exported models/ep7 (epoch 7) to models/twins.pkl" in p.stdout
+    assert "Exported models/ep7.pth (run " in p.stdout and ", epoch 7) to models/twins.pkl" in p.stdout
     assert (work / "models" / "twins.pkl").is_file() and not list((work / "models").glob("*.tmp"))
     paths, expected, _, _, _ = checkpoint_scores(work, *tiny_demo)
     code = (

@@ -26,7 +26,7 @@ def test_fresh_run_writes_checkpoints_maps_and_report(fresh_run):
     assert t["threshold_source"].startswith("validation")
     assert report["valid"]["eer_threshold"] == pytest.approx(t["threshold"])
     assert (models / "roc.png").stat().st_size > 1000
-    assert "W&B: no WANDB_API_KEY, logging offline" in p.stdout
+    assert "W&B: logging offline to ./wandb" in p.stdout and "(WANDB_MODE=offline)" in p.stdout
     assert "Config: " in p.stdout and "Test (twins-only" in p.stdout
 
 
@@ -70,7 +70,7 @@ def test_bad_resume_path_and_mismatched_checkpoint(fresh_run, monkeypatch):
         train.main(["--resume", "models/ep99"])
     with pytest.raises(SystemExit, match=r"^Checkpoint error: .*does not match this run \(size: checkpoint 32 vs 48\)"):
         train.main(["--resume", "models/ep5", "--size", "48", "--no-wandb"])
-    with pytest.raises(SystemExit, match="^Checkpoint error: .*other training ids"):
+    with pytest.raises(SystemExit, match=r"^Checkpoint error: .*would change: --valid-pct 0.5 \(the run's: 0.25\)"):
         train.main(["--resume", "models/ep5", "--valid-pct", "0.5", "--no-wandb"])
     with pytest.raises(SystemExit, match="^Checkpoint error: checkpoint models/ep7.pth is at epoch 7, already the last"):
         train.main(["--resume", "models/ep7", "--no-wandb"])

@@ -2,8 +2,11 @@
 rate finder."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from .batch import MARGIN, MAX_FACTOR, largest_fitting, plan, training_step
-from .callbacks import AttentionMaps, BranchLogger, Checkpoint, EpochReport, TimmWeightDecay, span
+from .callbacks import AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState, TimmWeightDecay, span
 from .checkpoint import check_compatible, epoch_path, restore
 from .config import device
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
@@ -26,10 +29,8 @@ from .evaluate import evaluate
 from .loss import DCALLoss
 from .metrics import TwinsMetric
 from .model import DCAL, check_cuda_arch
+from .runs import claim_for_fresh, claim_for_resume, locked, new_run_id, write_run_json
 from .tracking import Wandb, log_figure, start_wandb
-
-SAVE_EVERY = 5  # epochs between checkpoints (and the last epoch)
-
 
 def choose_batch(cfg: dict, model: DCAL, n_classes: int) -> None:
     """`--bs auto`: on CUDA, search the largest batch that fits and set cfg's bs, accum and lr from it;
@@ -70,9 +71,9 @@ def make_learner(cfg: dict, data: TwinData, model: DCAL) -> Learner:
     return learn
 
 
-def build(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> tuple[TwinData, Learner]:
-    """The data and the Learner of a run: fresh (batch chosen for this GPU with `bs_auto`), or with a
-    checkpoint's weights and optimizer state."""
+def prepare(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> TwinData:
+    """Everything a run can check before the slow work: the GPU, the checkpoint against the flags,
+    the JSON files, every image path, and the training ids against the checkpoint's."""
     check_cuda_arch()
     if ckpt is not None and ckpt["epoch"] >= cfg["epochs"]:
         raise CheckpointError(f"checkpoint {source} is at epoch {ckpt['epoch']}, already the last of --epochs "
@@ -81,6 +82,13 @@ def build(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> tup
     data = prepare_data(cfg)
     if ckpt is not None:
         check_compatible(ckpt, cfg, list(data.classes), f"checkpoint {source}")
+    return data
+
+
+def build(cfg: dict, data: TwinData, ckpt: dict | None = None, source: str | None = None) -> Learner:
+    """The Learner of a run: images decoded, the model (pretrained, or with the checkpoint's weights
+    and optimizer state), the batch chosen for this GPU when fresh with `bs_auto`."""
+    data.decode(cfg["size"])
     model = DCAL.from_config(cfg, len(data.classes), pretrained=cfg["pretrained"] and ckpt is None)
     if ckpt is None and cfg["bs_auto"]:
         choose_batch(cfg, model, len(data.classes))
@@ -88,30 +96,73 @@ def build(cfg: dict, ckpt: dict | None = None, source: str | None = None) -> tup
     if ckpt is not None:
         restore(learn, ckpt, source)
         print(f"Resuming from {source}: epoch {ckpt['epoch']} of {cfg['epochs']} done")
-    return data, learn
+    return learn
 
 
-def train(cfg: dict, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None) -> dict | None:
-    """Fresh training, or (with `ckpt`, read from `source`) its continuation. Returns the test report,
-    or None when the run stopped before `deadline` (a time.time() value) with a checkpoint to resume."""
-    data, learn = build(cfg, ckpt, source)
-    start = ckpt["epoch"] if ckpt else 0
-    run = start_wandb(cfg, ckpt.get("wandb_id") if ckpt else None)
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a notebook stopped, a job killed) stops training like Ctrl-C: with a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(cfg: dict, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None,
+          overwrite: bool = False) -> dict | None:
+    """Fresh training, or (with `ckpt`, read from `source`) its continuation, in `cfg["out"]` (one run
+    per folder, locked while it runs). Returns the test report, or None when the run stopped before
+    `deadline` (a time.time() value) with a checkpoint to resume. Ctrl-C or SIGTERM: the last trained
+    epoch is saved, the resume command printed, and KeyboardInterrupt raised."""
+    data = prepare(cfg, ckpt, source)
     out = Path(cfg["out"])
+    with locked(out), sigterm_as_interrupt():
+        if ckpt is None:
+            claim_for_fresh(out, overwrite)
+            cfg["run_id"] = new_run_id()
+        else:
+            claim_for_resume(out, cfg["run_id"], ckpt["epoch"])
+        learn = build(cfg, data, ckpt, source)
+        write_run_json(out, cfg)
+        print(f"Run {cfg['run_id']} in {out}/")
+        return fit(cfg, data, learn, ckpt, source, deadline)
+
+
+def fit(cfg: dict, data: TwinData, learn: Learner, ckpt: dict | None, source: str | None,
+        deadline: float | None) -> dict | None:
+    out = Path(cfg["out"])
+    run = start_wandb(cfg, ckpt.get("wandb_id") if ckpt else None)
     report = EpochReport(deadline)
-    cbs = [Checkpoint(out, SAVE_EVERY, {"config": cfg, "classes": list(data.classes),
-                                        "wandb_id": run.id if run else None}), report]
+    saver = Checkpoint(out, cfg["save_every"], {"config": cfg, "classes": list(data.classes),
+                                                "wandb_id": run.id if run else None})
+    cbs = [saver, report, RestoreRunState(ckpt.get("run_state") if ckpt else None)]
     if run is not None:
         cbs.append(Wandb(log=None, log_preds=False, log_model=False))
     if cfg["glca"]:
         has_valid = data.valid is not None
         cbs.append(AttentionMaps(data.valid if has_valid else data.train, data.caches["valid" if has_valid else "train"],
                                  out / "maps", cfg["map_every"], n=4, seed=cfg["seed"]))
-    learn.fit_one_cycle(cfg["epochs"], cfg["lr"], cbs=cbs, start_epoch=start)
+    try:
+        learn.fit_one_cycle(cfg["epochs"], cfg["lr"], cbs=cbs, start_epoch=ckpt["epoch"] if ckpt else 0)
+    except KeyboardInterrupt as e:
+        path = saver.save_last() or source  # nothing trained since the resume: its checkpoint still is the last
+        why = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        print(f"\nStopped by {why} during epoch {learn.epoch + 1}. " + (
+            f"Checkpoint of the last completed epoch: {path}; continue with:\n  python train.py --resume {path}"
+            if path else "No epoch was completed: nothing to resume."), flush=True)
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
     if report.stopped:
-        done = learn.epoch
-        print(f"Stopped after epoch {done} of {cfg['epochs']}: the next epoch would end past the time limit. "
-              f"Checkpoint {epoch_path(out, done)}; continue with:\n  python train.py --resume {epoch_path(out, done)}")
+        path = epoch_path(out, learn.epoch)
+        print(f"Stopped after epoch {learn.epoch} of {cfg['epochs']}: the next epoch would end past the time "
+              f"limit. Checkpoint {path}; continue with:\n  python train.py --resume {path}")
         if run is not None:
             run.finish()
         return None
@@ -131,7 +182,7 @@ def find_lr(cfg: dict) -> float:
     """fastai's learning-rate finder on this model and data (no training is kept): the plot goes to
     `out/lr_find.png`; returns the suggested peak learning rate (fastai's `valley`)."""
     recipe_bs, recipe_lr = cfg["bs"], cfg["lr"]
-    _, learn = build(cfg)
+    learn = build(cfg, prepare(cfg))
     found = learn.lr_find(show_plot=False).valley
     learn.recorder.plot_lr_find()
     path = Path(cfg["out"]) / "lr_find.png"

@@ -12,7 +12,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.wandb import WandbCallback
 from fastai.learner import Recorder
 
-from .checkpoint import epoch_path, save_checkpoint
+from .checkpoint import epoch_path, restore_run_state, snapshot, write_atomic
 from .data import Split
 from .evaluate import encode_all
 from .tracking import log_figure, wandb_run
@@ -81,27 +81,50 @@ class EveryNEpochs(Callback):
 
 
 class Checkpoint(EveryNEpochs):
-    """`ep{N}.pth` (N = epochs completed) in `folder`, with `meta` (config, training ids, W&B run id);
-    also for the last trained epoch when the run is stopped between checkpoints (time limit)."""
+    """`ep{N}.pth` (N = epochs completed) in `folder` every `every` epochs and at the end, with `meta`
+    (config, training ids, W&B run id). The last trained epoch is also kept in memory, so that a run
+    stopped between checkpoints (time limit, SIGTERM, Ctrl-C) still saves it: `save_last()`."""
     order = Recorder.order + 1
 
     def __init__(self, folder: Path, every: int, meta: dict):
         super().__init__(every)
         self.folder, self.meta = Path(folder), meta
-        self.trained_to = self.saved = None
+        self.last = self.saved = None  # (epoch, serialised checkpoint) of the last trained epoch; epoch on disk
 
     def after_epoch(self):
         if self.trained:
-            self.trained_to = self.epoch + 1
+            self.last = (self.epoch + 1, snapshot(self.learn, self.epoch + 1, self.meta))
         super().after_epoch()
 
     def act(self, done: int):
-        save_checkpoint(epoch_path(self.folder, done), self.learn, done, self.meta)
-        self.saved = done
+        self.save_last()
 
     def after_fit(self):
-        if self.trained_to is not None and self.saved != self.trained_to:
-            self.act(self.trained_to)
+        self.save_last()
+
+    def save_last(self) -> Path | None:
+        """Write the last trained epoch's checkpoint unless it is on disk already; returns its path."""
+        if self.last is None:
+            return None
+        done, data = self.last
+        path = epoch_path(self.folder, done)
+        if self.saved != done:
+            write_atomic(path, data)
+            self.saved = done
+        return path
+
+
+class RestoreRunState(Callback):
+    """On resume: puts back the random state the checkpoint was saved with, just before the first
+    trained epoch draws from it (after fastai's MixedPrecision has made its loss scaler)."""
+
+    def __init__(self, state: dict | None):
+        self.state = state
+
+    def before_train(self):
+        if self.state is not None:
+            restore_run_state(self.learn, self.state)
+            self.state = None
 
 
 class AttentionMaps(EveryNEpochs):

@@ -1,11 +1,16 @@
 """The checkpoint format, in one place: where checkpoints live (`ep{N}.pth`), the atomic write, the
-read with its checks, compatibility with a run, and the model or Learner state they restore."""
+read with its checks, compatibility with a run, and the model, optimizer and random state they
+restore (so that a resumed run is the run it continues)."""
 from __future__ import annotations
 
+import io
 import os
+import random
 import re
+import secrets
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastai.learner import Learner
 from fastai.torch_core import to_device
@@ -37,13 +42,60 @@ def newest_checkpoint(folder: str | Path) -> Path:
     return found[-1]
 
 
-def save_checkpoint(path: Path, learn: Learner, epoch: int, meta: dict) -> None:
-    """Model, optimizer, epochs completed and `meta` (config, training ids, W&B run id), written to a
-    temporary name and renamed: a crash never leaves a half-written checkpoint."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` to a temporary name of this process's own, then renamed: a crash or a second process
+    never leaves a half-written or mixed file (leftovers: `clean_leftovers`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": learn.model.state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch, **meta}, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary files that a killed write left in `folder` (call with the folder's lock held)."""
+    found = [p for p in folder.glob(".*.tmp")] + list(folder.glob("*.pth.tmp"))
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def run_state(learn: Learner) -> dict:
+    """Everything random the next epoch draws from: python's, numpy's and torch's generators (CUDA's
+    too), the training loader's shuffle generator, and the fp16 loss scale."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "loader": learn.dls.train.rng.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(learn, "scaler", None) is not None:
+        state["scaler"] = learn.scaler.state_dict()
+    return state
+
+
+def restore_run_state(learn: Learner, state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    learn.dls.train.rng.setstate(state["loader"])
+    if "scaler" in state and getattr(learn, "scaler", None) is not None:
+        learn.scaler.load_state_dict(state["scaler"])
+
+
+def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
+    """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
+    change it): model, optimizer, epochs completed, random state and `meta` (config, training ids, W&B run id)."""
+    buf = io.BytesIO()
+    torch.save({"model": learn.model.state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch,
+                "run_state": run_state(learn), **meta}, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: Path, learn: Learner, epoch: int, meta: dict) -> None:
+    write_atomic(path, snapshot(learn, epoch, meta))
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -11,7 +11,7 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from fastcore.basics import fastuple
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -41,9 +41,39 @@ def _read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the four files of the ND-TWIN layout in {path.parent})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is fine
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed JSON ({e})") from None
+
+
+def _check_info(info, path: Path) -> None:
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected an object mapping person id -> list of image paths, got a "
+                        f"{type(info).__name__}")
+    if not info:
+        raise DataError(f"{path}: no people in it (an empty object)")
+    bad = [k for k, v in info.items() if not (isinstance(v, list) and all(isinstance(p, str) for p in v))]
+    if bad:
+        raise DataError(f"{path}: each person id must map to a list of image paths (strings); not so for "
+                        f"({_examples(bad)})")
+
+
+def _check_pairs(pairs, path: Path) -> None:
+    example = '[["90003", "90004"], ...]'
+    if not isinstance(pairs, list):
+        raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}")
+    if not pairs:
+        raise DataError(f"{path}: no twin pairs in it (an empty list)")
+    for p in pairs:
+        if not isinstance(p, list):
+            raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}; found the entry {p!r}")
+        if len(p) != 2:
+            hint = ("; write a triplet as three pairs, one for each two siblings" if len(p) == 3 else "")
+            raise DataError(f"{path}: an entry with {len(p)} ids ({json.dumps(p)}): each entry is one twin pair"
+                            f"{hint}")
+        if not all(isinstance(i, str) for i in p):
+            raise DataError(f"{path}: ids must be strings, as the keys of the info file are (\"90003\"), "
+                            f"found {json.dumps(p)}")
 
 
 def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
@@ -51,14 +81,8 @@ def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[t
     info_path = Path(json_dir) / f"{split}_dataset_infor.json"
     pairs_path = Path(json_dir) / f"{split}_twin_pairs.json"
     info, pairs = _read_json(info_path), _read_json(pairs_path)
-    if not isinstance(info, dict) or not all(
-        isinstance(k, str) and isinstance(v, list) and all(isinstance(p, str) for p in v) for k, v in info.items()
-    ):
-        raise DataError(f"{info_path}: expected an object mapping person id -> list of image paths")
-    if not isinstance(pairs, list) or not all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(i, str) for i in p) for p in pairs
-    ):
-        raise DataError(f'{pairs_path}: expected a list of two-id lists, e.g. [["90003", "90004"], ...]')
+    _check_info(info, info_path)
+    _check_pairs(pairs, pairs_path)
     unknown = sorted({i for p in pairs for i in p if i not in info})
     if unknown:
         raise DataError(f"{pairs_path}: twin pairs name ids missing from {info_path.name} ({_examples(unknown)})")
@@ -77,16 +101,18 @@ def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[t
 
 
 def resolve_path(path: str, data_root: Path | None) -> Path | None:
-    """Where `path` (written on another machine) lives here: as written, else the longest tail of
-    it that exists under `data_root` (so both `<root>/<id>/<file>` and a flat `<root>/<file>` work)."""
+    """Where `path` (written on another machine, maybe Windows: `D:\\ND_TWIN\\90003d13.jpg`) lives here:
+    as written, else the longest tail of it that exists under `data_root` (so both `<root>/<id>/<file>`
+    and a flat `<root>/<file>` work). What exists is returned even if it is no image (a folder, say):
+    decoding names that."""
     p = Path(path)
-    if p.is_file():
+    if p.exists():
         return p
     if data_root is not None:
-        parts = [s for s in p.parts if s not in (p.anchor, "")]
+        parts = [s for s in PureWindowsPath(path).parts if s not in (PureWindowsPath(path).anchor, "")]
         for start in range(len(parts)):
             candidate = data_root.joinpath(*parts[start:])
-            if candidate.is_file():
+            if candidate.exists():
                 return candidate
     return None
 
@@ -186,24 +212,42 @@ def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split
 
 @dataclass
 class TwinData:
-    """A run's data: the three splits, their decoded images, and the training classes."""
+    """A run's data: the three splits, the training classes, and (after `decode`) the decoded images."""
     train: Split
     valid: Split | None
     test: Split
-    caches: dict[str, torch.Tensor]
     classes: dict[str, int]  # training person id -> class index
+    caches: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def decode(self, size: int) -> None:
+        """Decode every image of every split once into the RAM caches (all failures reported together)."""
+        for name in ("train", "valid", "test"):
+            split = getattr(self, name)
+            if split is not None:
+                self.caches[name] = build_cache(split.paths, size, f"{name} images")
 
 
 def prepare_data(cfg: dict) -> TwinData:
-    """Load and check the run's JSON files and images, hold out the validation families, and decode
-    every image once into the RAM caches."""
+    """Load and check the run's JSON files, find every image, and hold out the validation families;
+    no image is decoded yet (`TwinData.decode`), so checks that need only the ids come first."""
     splits = load_dataset(cfg["data"], cfg["data_root"])
     train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
     parts = {"train": train, "valid": valid, "test": splits["test"]}
     print("Data: " + ", ".join(f"{k} {len(s.ids)} people / {len(s.paths)} images / {len(s.twin_pairs)} twin pairs"
                               for k, s in parts.items() if s is not None))
-    caches = {k: build_cache(s.paths, cfg["size"], f"{k} images") for k, s in parts.items() if s is not None}
-    return TwinData(train, valid, splits["test"], caches, {pid: i for i, pid in enumerate(train.ids)})
+    return TwinData(train, valid, splits["test"], {pid: i for i, pid in enumerate(train.ids)})
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: Pillow's own
+    conversion clips it, which turns a face all white."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray(np.round(a / top * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise ValueError("a 32-bit float image: save it as 8- or 16-bit")
+    return im.convert("RGB")
 
 
 def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
@@ -211,23 +255,61 @@ def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     im = src if isinstance(src, Image.Image) else Image.open(src)
     if im.format == "JPEG":
         im.draft("RGB", (size, size))  # decode at reduced scale when the file is much larger
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+    return np.asarray(to_rgb(im).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+
+
+def why_unreadable(e: Exception) -> str:
+    """What is wrong with an image file, in a few words, from the exception that decoding raised."""
+    if isinstance(e, IsADirectoryError):
+        return "a folder, not an image"
+    if isinstance(e, FileNotFoundError):
+        return "not found"
+    if isinstance(e, PermissionError):
+        return "no permission to read it"
+    if isinstance(e, UnidentifiedImageError):
+        return "empty file" if e.args and "cannot identify" in str(e) and _is_empty(e) else "not an image"
+    text = str(e)
+    if "truncated" in text.lower():
+        return "truncated (an incomplete download or copy?)"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_empty(e: UnidentifiedImageError) -> bool:
+    name = getattr(e, "filename", None) or str(e).rsplit(" ", 1)[-1].strip("'")
+    try:
+        return Path(name).stat().st_size == 0
+    except OSError:
+        return False
+
+
+def decode_into(out: torch.Tensor, sources: list, size: int, desc: str) -> None:
+    """Decode every source (path or PIL image) into `out[i]` in place, in threads; all failures are
+    collected and raised together as one DataError naming each file and what is wrong with it."""
+    def one(i):
+        try:
+            out[i].numpy()[...] = load_face(sources[i], size)
+        except Exception as e:  # any decoding failure is the file's, reported with the others
+            return f"{sources[i]} ({why_unreadable(e)})"
+    failed = [f for f in parallel(one, range(len(sources)), n_workers=min(8, os.cpu_count() or 1), threadpool=True,
+                                  progress=sys.stdout.isatty() and len(sources) > 2) if f]  # a log gets no bar
+    if failed:
+        raise DataError(f"{len(failed)} of {len(sources)} {desc} cannot be decoded ({_examples(failed, 10)})")
 
 
 def load_faces(sources: list, size: int) -> torch.Tensor:
     """A few images (paths or PIL images) as a uint8 (n, 3, size, size) tensor, like the cache."""
-    return torch.stack([torch.tensor(load_face(s, size)) for s in sources])
+    out = torch.empty((len(sources), 3, size, size), dtype=torch.uint8)
+    decode_into(out, sources, size, "images")
+    return out
 
 
 def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Tensor:
-    """Decode every image once into a uint8 (n, 3, size, size) tensor in RAM, so epochs do no JPEG work."""
+    """Decode every image once into a uint8 (n, 3, size, size) tensor in RAM, so epochs do no JPEG
+    work; filled in place (no second copy), every failure reported at once."""
     n_bytes = len(paths) * 3 * size * size
-    print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM")
+    print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM", flush=True)
     cache = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    arrays = parallel(load_face, paths, size=size, n_workers=min(8, os.cpu_count() or 1), threadpool=True,
-                      progress=sys.stdout.isatty())  # a log file gets no progress bar
-    for i, a in enumerate(arrays):
-        cache[i].numpy()[...] = a
+    decode_into(cache, paths, size, desc)
     return cache
 
 

@@ -2,6 +2,7 @@
 and the top-loss twin pairs with their attention heatmaps. No W&B here: `verify()` runs without wandb."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from .errors import CheckpointError, DataError
 from .evaluate import choose_threshold, embed_images, encode_all
 from .loss import DCALLoss
 from .metrics import protocol_scores
+from .runs import folder_run_id
 from .viz import maps_of
 
 
@@ -41,16 +43,16 @@ def validation_threshold(model, cfg: dict, data: str | None = None, data_root: s
     return threshold, source
 
 
-def inference_learner(model, cfg: dict, ckpt: dict, threshold: float, source: str) -> Learner:
+def inference_learner(model, cfg: dict, ckpt: dict, ckpt_path: Path, threshold: float, source: str) -> Learner:
     """A Learner holding only what inference needs: the model, the loss, empty loaders with the
-    normalisation, and the run's config, training ids and verification threshold."""
+    normalisation, and the run's config, training ids, verification threshold and origin."""
     dc = model.data_config
     empty = TwinPairs.empty(cfg["size"])
     tfms = Pipeline([IntToFloatTensor(), normalizer(dc["mean"], dc["std"])], split_idx=1)
     dls = DataLoaders(PairDL(empty, bs=1, after_batch=tfms), PairDL(empty, bs=1, after_batch=tfms))
     learn = Learner(dls, model, loss_func=DCALLoss())
     learn.twins = {"config": cfg, "classes": ckpt["classes"], "epoch": ckpt["epoch"], "threshold": threshold,
-                   "threshold_source": source}
+                   "threshold_source": source, "checkpoint": str(ckpt_path), "run_id": cfg.get("run_id")}
     return learn
 
 
@@ -58,10 +60,26 @@ def open_learner(path: str | Path) -> Learner:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"exported learner {p} does not exist; run python export.py first")
-    learn = load_learner(p, cpu=not torch.cuda.is_available())
+    try:
+        learn = load_learner(p, cpu=not torch.cuda.is_available())
+    except Exception as e:  # a truncated or foreign pickle raises anything
+        raise CheckpointError(f"exported learner {p} cannot be read ({type(e).__name__}: {e}); export it again "
+                              "with python export.py") from None
     if not hasattr(learn, "twins"):
         raise CheckpointError(f"{p} is not a learner exported by export.py")
     return learn
+
+
+def describe(learn: Learner, path: Path) -> str:
+    """Which model an exported learner holds, and whether its folder has a newer checkpoint of its run."""
+    t = learn.twins
+    text = (f"{path}: run {t.get('run_id') or '(unnamed)'}, epoch {t['epoch']}, exported from "
+            f"{t.get('checkpoint', 'a checkpoint')}")
+    newer = [c for c in path.parent.glob("ep*.pth") if int(re.sub(r"\D", "", c.stem) or 0) > t["epoch"]]
+    if newer and folder_run_id(path.parent) == t.get("run_id"):
+        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({max(newer, key=lambda c: c.stat().st_mtime).name}); "
+                 "python export.py exports the newest")
+    return text
 
 
 def verify(learn: Learner, img_a, img_b) -> dict:

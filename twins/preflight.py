@@ -12,7 +12,7 @@ import timm
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 
-from .app import SAVE_EVERY, build, make_learner
+from .app import build, make_learner, prepare
 from .callbacks import span
 from .checkpoint import epoch_path, load_checkpoint, restore, save_checkpoint
 from .config import KAGGLE_TIME_LIMIT_H
@@ -71,7 +71,8 @@ def preflight(cfg: dict, time_limit_h: float | None) -> bool:
     state = {}
 
     def data_and_model():
-        state["data"], state["learn"] = build(cfg)  # validates the JSON, finds and decodes every image, chooses the batch
+        state["data"] = prepare(cfg)  # the JSON, every image path
+        state["learn"] = build(cfg, state["data"])  # every image decoded, the model, the batch
         return (f"{len(state['data'].train.paths)} training images, model {cfg['arch']} at {cfg['size']} px"
                 + (" with pretrained weights" if cfg["pretrained"] else ""))
 
@@ -122,7 +123,7 @@ def summary(cfg: dict, state: dict, time_limit_h: float | None) -> None:
           + f", lr {cfg['lr']:.3g}")
     if not state["pairs_per_s"]:
         return
-    n_ckpt = cfg["epochs"] // SAVE_EVERY + 1
+    n_ckpt = cfg["epochs"] // cfg["save_every"] + 1
     epoch_s = len(learn.dls.train) * learn.dls.train.bs / state["pairs_per_s"] + timer.valid_s
     total_h = (cfg["epochs"] * epoch_s + n_ckpt * state["save_s"]) / 3600
     print(f"Projected: {span(epoch_s)} per epoch (training + validation), {span(3600 * total_h)} for "

@@ -3,7 +3,9 @@ and logging a figure. Inference never imports this module, so `verify()` needs n
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import wandb
 from fastai.callback.wandb import WandbCallback
@@ -33,16 +35,43 @@ class Wandb(WandbCallback):
             del self.learn.gather_args
 
 
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the server of `url` opens within `timeout` seconds."""
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wandb_mode() -> tuple[str, str]:
+    """(mode, why), decided before `wandb.init`, which would otherwise wait minutes for a server it
+    cannot reach and then log nothing: WANDB_MODE when set; else online with WANDB_API_KEY and a
+    reachable server; else offline."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"], f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline", "no WANDB_API_KEY"
+    server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not reachable(server):
+        return "offline", f"WANDB_API_KEY is set but {server} cannot be reached (no network?)"
+    return "online", "WANDB_API_KEY"
+
+
 def start_wandb(config: dict, resume_id: str | None):
-    """Start W&B for a run configured by `config`: online with WANDB_API_KEY, else offline (said
-    once); off with `wandb=False`. Never fatal."""
+    """Start W&B for a run configured by `config` (off with `wandb=False`), saying which mode and
+    why. Never fatal: W&B trouble is printed and training goes on without it."""
     if not config["wandb"]:
         print("W&B: off (--no-wandb)")
         return None
+    mode, why = wandb_mode()
+    if mode == "disabled":
+        print(f"W&B: off ({why})")
+        return None
+    where = "online" if mode == "online" else "offline to ./wandb (upload later with `wandb sync wandb/offline-run-*`)"
+    print(f"W&B: logging {where} ({why})")
     try:
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        if mode == "offline":
-            print("W&B: no WANDB_API_KEY, logging offline to ./wandb (upload later with `wandb sync`)")
         return wandb.init(project=config["wandb_project"], entity=config["wandb_entity"], config=config, mode=mode,
                           id=resume_id, resume="allow" if resume_id else None)
     except Exception as e:  # W&B trouble must never stop training
