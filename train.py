@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, help=f"override the backbone's patch size ({default('patch_size')})")
     p.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
                    help="random init instead of the arch's pretrained weights (the demo always is)")
+    p.add_argument("--weights", metavar="FILE", help="the arch's pretrained weights from this file (a timm state "
+                   "dict, e.g. a Kaggle dataset when the notebook has no Internet) instead of the download")
     p.add_argument("--wd", type=float, help=f"AdamW weight decay ({default('wd')})")
     p.add_argument("--drop-path", type=float, help=f"stochastic depth rate ({default('drop_path')})")
     p.add_argument("--top-r", type=float, help=f"GLCA: share of patch tokens selected by rollout ({default('top_r')})")

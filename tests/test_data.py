@@ -9,9 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import SHARED_JSON, jpeg, write_layout
+from fastai.callback.core import Callback
+from fastai.torch_core import TensorImage
+
+from helpers import SHARED_JSON, jpeg, tiny_config, write_layout
+from twins.app import build, prepare
 from twins.errors import DataError
-from twins.data import (build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
+from twins.data import (PairAugment, build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
                         split_valid)
 
 
@@ -207,3 +211,31 @@ def test_demo_records_where_the_marks_are():
     yy, xx = np.nonzero(diff > 60)
     near = [min(np.hypot(x * 128 - a, y * 128 - b) for x, y in places) for a, b in zip(xx, yy)]
     assert max(near) < 2 * MARK_RADIUS * 128 / 0.88  # nowhere else: a mark spans 2 radii, zoomed by <= 1/0.88
+
+
+def test_pair_augmentation_draws_each_image_on_its_own_and_never_flips():
+    aug = PairAugment(32)
+    half = torch.zeros(1, 3, 32, 32)
+    half[..., :16] = 1.0  # bright left half: a horizontal flip would put it on the right
+    same = half.expand(64, -1, -1, -1).clone()
+    xa, xb, *_ = aug((TensorImage(same), TensorImage(same.clone()), torch.zeros(64)), split_idx=0)  # training
+    assert (xa - xb).abs().flatten(1).amax(1).gt(0.05).float().mean() > 0.9  # the two images of a pair differ
+    for x in (xa, xb):
+        assert (x[..., 4:28, 2:12].mean((1, 2, 3)) > x[..., 4:28, 20:30].mean((1, 2, 3))).all()  # left stays left
+
+
+def test_training_draws_the_pairs_of_each_epoch_from_seed_and_epoch(tiny_demo):
+    cfg = tiny_config(tiny_demo, bs_auto=False)
+    learn = build(cfg, prepare(cfg))
+    ds = learn.dls.train.dataset
+    seen = {}
+
+    class Record(Callback):
+        def before_batch(self):
+            if self.training and self.iter == 0:
+                seen[self.epoch] = ds.partner.clone()
+    learn.fit(3, 1e-3, cbs=Record())
+    for epoch, partner in seen.items():
+        expected, _ = sample_pairs(ds.split, np.random.default_rng([cfg["seed"], epoch]))
+        assert np.array_equal(partner.numpy(), expected), epoch
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])

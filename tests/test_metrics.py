@@ -3,6 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_config
+from twins.app import build, prepare
+from twins.evaluate import split_report
 from twins.metrics import equal_error, protocol_scores, verification_report
 
 
@@ -55,3 +58,31 @@ def test_protocol_pairs_are_genuine_and_own_twin_only():
         assert (person[i] == person[j]) == g
         assert g or {person[i], person[j]} in ({0, 1}, {2, 3})
         assert s == pytest.approx(float(emb[i] @ emb[j]), abs=1e-6)
+
+
+def test_eer_and_its_threshold_are_interpolated_where_far_and_frr_cross():
+    # a genuine and an impostor tie at 0.5: the ROC goes diagonally from (FAR 0, FRR 1/2) to (1/2, 0),
+    # so FAR = FRR = 1/4 halfway, at the threshold halfway between 0.9 and 0.5
+    eer, thr = equal_error(np.array([0.9, 0.5, 0.5, 0.1]), np.array([1, 1, 0, 0], bool))
+    assert eer == pytest.approx(0.25) and thr == pytest.approx(0.7)
+    # FAR flat at 1/2 while FRR falls from 2/3 to 0: the crossing is a quarter of the way down
+    eer, thr = equal_error(np.array([0.9, 0.8, 0.3, 0.85, 0.2]), np.array([1, 1, 1, 0, 0], bool))
+    assert eer == pytest.approx(0.5) and thr == pytest.approx(0.85 + 0.25 * (0.3 - 0.85))
+
+
+def test_eer_threshold_is_finite_when_the_top_scores_already_separate():
+    scores, genuine = np.array([0.9, 0.9, 0.2, 0.1]), np.array([1, 1, 0, 0], bool)
+    eer, thr = equal_error(scores, genuine)
+    assert eer == 0.0 and np.isfinite(thr)
+    assert verification_report(scores, genuine)["accuracy"] == 1.0  # the threshold accepts the genuine pairs
+    for one in ([0.8, 0.3, 0.2], [0.9, 0.7, 0.1]):  # a single genuine pair
+        assert np.isfinite(equal_error(np.array(one), np.array([1, 0, 0], bool))[1])
+
+
+def test_validation_metric_is_computed_on_every_validation_image_in_order(tiny_demo):
+    cfg = tiny_config(tiny_demo, bs=3, bs_auto=False)  # batches that do not divide the set
+    data = prepare(cfg)
+    learn = build(cfg, data)
+    eer, auc = learn.validate()[1:]
+    rep = split_report(learn.model, data.valid, data.caches["valid"])[0]
+    assert eer == pytest.approx(rep["eer"], abs=1e-6) and auc == pytest.approx(rep["auc"], abs=1e-6)

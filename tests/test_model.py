@@ -7,7 +7,8 @@ import torch
 
 from twins.errors import TwinsError
 from twins.loss import DCALLoss
-from twins.model import DCAL, Attention, qkv_heads, rollout_row
+from twins.evaluate import embed_images
+from twins.model import DCAL, Attention, attend, block_tail, qkv_heads, rollout_row
 
 torch.manual_seed(0)
 
@@ -253,3 +254,64 @@ def test_pretrained_weights_that_cannot_be_downloaded_say_what_to_do():
         DCAL("vit_small_patch16_224.augreg_in21k_ft_in1k", 5, 32, pretrained=True)
     with pytest.raises(TwinsError, match="--arch no_such_vit"):
         DCAL("no_such_vit", 5, 32, pretrained=False)
+
+
+def test_training_gives_each_image_its_pair_partner_as_pwca_distractor():
+    """PWCA silently off (each image its own distractor) would make PWCA equal SA and change nothing."""
+    model = small().train()
+    xa, xb = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    out = model(xa, xb)
+    xb2 = xb.clone()
+    xb2[0] += torch.randn_like(xb2[0])  # another partner for pair 0 only
+    torch.manual_seed(0)
+    out2 = model(xa, xb2)
+    assert not torch.allclose(out["pwca"][0], out2["pwca"][0], atol=1e-4)  # xa[0]'s PWCA sees xb[0] ...
+    assert torch.allclose(out["pwca"][1], out2["pwca"][1], atol=1e-6)  # ... and only the partner
+    assert torch.allclose(out["sa"][0], out2["sa"][0], atol=1e-6)  # SA of xa[0] never sees it
+    assert not torch.allclose(out["pwca"], out["sa"], atol=1e-3)
+
+
+def test_pwca_keys_and_values_come_from_the_partners_sa_stream_detached():
+    """Decision 5 (PLAN.md): the partner's keys/values are those of its SA stream at the same block, detached."""
+    model = small().train()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = model.encode(x, partner=torch.tensor([1, 0]))
+    with torch.no_grad():  # reference, block by block from the timm blocks themselves
+        sa = model.tokens(x)
+        pw = sa[:1].clone()
+        for blk in model.vit.blocks:
+            _, k, v = qkv_heads(blk.attn, blk.norm1(sa))
+            q_p, k_p, v_p = qkv_heads(blk.attn, blk.norm1(pw))
+            pw = block_tail(blk, pw, attend(blk.attn, q_p, torch.cat([k_p, k[1:]], 2), torch.cat([v_p, v[1:]], 2)))
+            sa = blk(sa)
+        ref = model.vit.norm(pw)[:, 0]
+    assert torch.allclose(out["pwca"][:1], ref, atol=1e-5)
+    out["pwca"][0].sum().backward()
+    assert x.grad[0].abs().sum() > 0 and torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))  # no gradient to the partner
+
+
+def test_pretrained_weights_load_into_every_block_and_glca_starts_as_the_loaded_last_block(tmp_path):
+    torch.manual_seed(11)
+    src = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(torch.randn_like(p))  # far from any fresh initialisation
+    torch.save(src.state_dict(), tmp_path / "weights.pth")
+    model = small(pretrained=True, weights=str(tmp_path / "weights.pth"))  # timm's loading path, from a file
+    loaded = model.vit.state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded[k], v), k
+    for (k, v), (_, w) in zip(model.glca_block.state_dict().items(), src.blocks[-1].state_dict().items()):
+        assert torch.equal(v, w), k
+    assert torch.equal(model.glca_norm.weight, src.norm.weight)
+
+
+def test_evaluation_embeddings_come_from_the_model_in_eval_mode():
+    model = small(drop_path=0.5).train()  # drop-path would make every embedding random
+    cache = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    first, second = embed_images(model, cache), embed_images(model, cache)
+    assert torch.equal(first, second)
+    x = (cache.float() / 255 - 0.5) / 0.5  # test_vit's mean = std = 0.5
+    with torch.no_grad():
+        assert torch.allclose(first, model.eval().embed(x), atol=1e-5)

@@ -231,3 +231,16 @@ def test_wandb_mode_is_decided_at_once_and_said(tmp_path, monkeypatch, capsys):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert start_wandb(cfg, None) is None and "W&B: off (WANDB_MODE=disabled)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "ep5.pth"
+    write_atomic(path, b"the complete previous checkpoint")
+
+    def crash(*_):
+        raise OSError("disk full")
+    monkeypatch.setattr("twins.checkpoint.os.replace", crash)  # the process dies between writing and renaming
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, b"half of a new one")
+    assert path.read_bytes() == b"the complete previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["ep5.pth"]

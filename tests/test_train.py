@@ -5,7 +5,9 @@ import json
 import pytest
 
 import train
-from helpers import TINY, lrs, run
+from helpers import TINY, lrs, run, tiny_config
+from twins.app import build, prepare
+from twins.preflight import StepTimer
 from twins.checkpoint import load_checkpoint, newest_checkpoint
 from twins.errors import CheckpointError, DataError, TwinsError
 
@@ -107,3 +109,16 @@ def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp
     report = json.loads((tmp_path / "models" / "test_report.json").read_text())
     assert report["valid"] is None
     assert report["test"]["threshold_source"].startswith("training twins (no validation split")
+
+
+def test_no_weight_decay_on_norms_biases_position_class_token_and_loss_parameters(tiny_demo):
+    cfg = tiny_config(tiny_demo, bs_auto=False)
+    learn = build(cfg, prepare(cfg))
+    learn.fit(1, 1e-3, cbs=StepTimer(1, stop_after_valid=False))  # one real step: the optimizer's groups in use
+    decayed = {n for n, p in learn.model.named_parameters() if learn.opt.state[p].get("do_wd", True)}
+    for name in ("vit.pos_embed", "vit.cls_token", "vit.blocks.0.norm1.weight", "vit.blocks.0.attn.qkv.bias",
+                 "vit.norm.bias", "glca_norm.weight", "log_vars", "pair_logit"):
+        assert name not in decayed, name
+    for name in ("vit.blocks.0.attn.qkv.weight", "vit.blocks.1.mlp.fc1.weight", "glca_block.attn.proj.weight",
+                 "sa_head.weight", "vit.patch_embed.proj.weight"):
+        assert name in decayed, name

@@ -32,6 +32,8 @@ class TimmWeightDecay(Callback):
     order = 0
 
     def before_fit(self):
+        if self.opt is None:  # `learn.validate()` runs before_fit too, with no optimizer yet
+            return
         skip = self.model.no_weight_decay()
         for name, p in self.model.named_parameters():
             if p.ndim <= 1 or name in skip:

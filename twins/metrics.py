@@ -38,8 +38,9 @@ def equal_error(scores: np.ndarray, genuine: np.ndarray) -> tuple[float, float]:
     d0, d1 = frr[k - 1] - far[k - 1], frr[k] - far[k]  # d0 > 0 >= d1
     t = d0 / (d0 - d1)
     eer = far[k - 1] + t * (far[k] - far[k - 1])
-    t_thr = thr[k - 1] if not np.isfinite(thr[k - 1]) else thr[k - 1] + t * (thr[k] - thr[k - 1])
-    return float(eer), float(t_thr)
+    if not np.isfinite(thr[k - 1]):  # "accept nobody" (sklearn's first threshold is inf): the crossing's own
+        return float(eer), float(thr[k])
+    return float(eer), float(thr[k - 1] + t * (thr[k] - thr[k - 1]))
 
 
 def verification_report(scores: np.ndarray, genuine: np.ndarray, threshold: float | None = None) -> dict:

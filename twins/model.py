@@ -99,9 +99,11 @@ class DCAL(nn.Module):
 
     def __init__(self, arch: str, n_classes: int, img_size: int, pretrained: bool = True, drop_path: float = 0.1,
                  top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None,
-                 grad_ckpt: bool = False):
+                 grad_ckpt: bool = False, weights: str | None = None):
         super().__init__()
         extra = {} if patch_size is None else {"patch_size": patch_size}
+        if pretrained and weights:  # timm's own loading path, from a file instead of the hub
+            extra["pretrained_cfg_overlay"] = {"file": str(weights)}
         try:
             self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
                                                drop_path_rate=drop_path, **extra)
@@ -110,9 +112,13 @@ class DCAL(nn.Module):
         except Exception as e:  # only the download can fail otherwise (hub unreachable, no Internet)
             if not pretrained:
                 raise
+            if weights:
+                raise TwinsError(f"--weights {weights}: cannot load them into {arch} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
             raise TwinsError(f"the pretrained weights of {arch} could not be downloaded ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}). On Kaggle switch the notebook's "
-                             "Internet on (Settings), or train from scratch with --no-pretrained") from None
+                             "Internet on (Settings), or add the weights file as a dataset and pass --weights "
+                             "FILE, or train from scratch with --no-pretrained") from None
         if vit.cls_token is None or vit.num_prefix_tokens != 1 or not all(
                 isinstance(b.attn, Attention) and getattr(b.attn, "gate", None) is None for b in vit.blocks):
             raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
@@ -136,7 +142,7 @@ class DCAL(nn.Module):
         """The model a run's configuration describes (`pretrained` overrides the config's)."""
         return cls(cfg["arch"], n_classes, cfg["size"], pretrained=cfg["pretrained"] if pretrained is None else pretrained,
                    drop_path=cfg["drop_path"], top_r=cfg["top_r"], glca=cfg["glca"], pwca=cfg["pwca"],
-                   patch_size=cfg["patch_size"], grad_ckpt=cfg.get("grad_ckpt", False))
+                   patch_size=cfg["patch_size"], grad_ckpt=cfg.get("grad_ckpt", False), weights=cfg.get("weights"))
 
     @property
     def data_config(self) -> dict:

@@ -1,0 +1,60 @@
+"""Does the suite catch the bugs that sank earlier attempts at this task? (run by hand, from the
+repository root). Each case injects one realistic bug into the code, runs the test that pins that
+behaviour, restores the file, and prints CAUGHT or MISSED.
+
+    python -m scripts.inject_bugs               # every case (about 3 minutes on 2 CPU cores)
+    python -m scripts.inject_bugs PWCA resume   # the cases whose name contains one of these words
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+R = Path(__file__).resolve().parents[1]
+# (name, file, text, replacement, test file, -k expression)
+CASES = [
+ ("PWCA self-distractor", "twins/model.py", "partner if (self.training and self.use_pwca) else None)", "torch.arange(2 * n).to(xa.device) if (self.training and self.use_pwca) else None)", "tests/test_model.py", "pair_partner"),
+ ("pretrained blocks re-initialised", "twins/model.py", "        if vit.cls_token is None or", "        [torch.nn.init.normal_(p, std=0.02) for p in vit.blocks.parameters()]\n        if vit.cls_token is None or", "tests/test_model.py", "pretrained_weights_load"),
+ ("GLCA copied from a fresh block", "twins/model.py", "            self.glca_block = copy.deepcopy(vit.blocks[-1])", "            self.glca_block = copy.deepcopy(timm.create_model(arch, pretrained=False, num_classes=0, img_size=img_size, **{k: v for k, v in extra.items() if k == 'patch_size'}).blocks[-1])", "tests/test_model.py", "pretrained_weights_load"),
+ ("resume without optimizer state", "twins/checkpoint.py", "    learn.opt.load_state_dict(to_device(ckpt[\"opt\"], device()))", "    pass", "tests/test_runs.py", "uninterrupted"),
+ ("pairs from a per-process counter", "twins/data.py", "        self.dls.train.dataset.resample(self.epoch)", "        self.n = getattr(self, 'n', -1) + 1\n        self.dls.train.dataset.resample(self.n)", "tests/test_runs.py", "uninterrupted"),
+ ("pairs never redrawn", "twins/data.py", "        self.dls.train.dataset.resample(self.epoch)", "        self.dls.train.dataset.resample(0)", "tests/test_data.py", "pairs_of_each_epoch"),
+ ("same augmentation for both images", "twins/data.py", "        x = self.tfms(TensorImage(torch.cat([xa, xb])))", "        import random as _r\n        s1, s2 = _r.getstate(), torch.get_rng_state()\n        ta = self.tfms(TensorImage(xa))\n        _r.setstate(s1); torch.set_rng_state(s2)\n        x = torch.cat([ta, self.tfms(TensorImage(xb))])", "tests/test_data.py", "augmentation"),
+ ("horizontal flips on", "twins/data.py", "aug_transforms(do_flip=False,", "aug_transforms(do_flip=True,", "tests/test_data.py", "augmentation"),
+ ("EER not interpolated", "twins/metrics.py", "    eer = far[k - 1] + t * (far[k] - far[k - 1])", "    eer = far[k]", "tests/test_metrics.py", "interpolated"),
+ ("EER threshold not interpolated", "twins/metrics.py", "    return float(eer), float(thr[k - 1] + t * (thr[k] - thr[k - 1]))", "    return float(eer), float(thr[k])", "tests/test_metrics.py", "interpolated"),
+ ("infinite EER threshold", "twins/metrics.py", "        return float(eer), float(thr[k])\n", "        return float(eer), float(thr[k - 1])\n", "tests/test_metrics.py", "finite"),
+ ("validation metric from partners", "twins/metrics.py", "        self.embs.append(learn.pred[\"emb_a\"].detach().float().cpu())", "        self.embs.append(learn.pred[\"emb_b\"].detach().float().cpu())", "tests/test_metrics.py", "every_validation_image"),
+ ("checkpoint written in place", "twins/checkpoint.py", "        tmp.write_bytes(data)\n        os.replace(tmp, path)", "        path.write_bytes(data)", "tests/test_runs.py", "leaves_the_previous"),
+ ("weight decay on everything", "twins/callbacks.py", "        skip = self.model.no_weight_decay()\n", "        return\n", "tests/test_train.py", "weight_decay"),
+ ("PWCA partner k/v from its PWCA stream", "twins/model.py", "            kd, vd = k[:n][partner].detach(), val[:n][partner].detach()", "            kd, vd = k[n:][partner].detach(), val[n:][partner].detach()", "tests/test_model.py", "sa_stream_detached"),
+ ("PWCA partner k/v not detached", "twins/model.py", "            kd, vd = k[:n][partner].detach(), val[:n][partner].detach()", "            kd, vd = k[:n][partner], val[:n][partner]", "tests/test_model.py", "sa_stream_detached"),
+ ("evaluation in training mode", "twins/evaluate.py", "    model.eval()\n    parts = []", "    parts = []", "tests/test_model.py", "eval_mode"),
+]
+
+
+def main() -> None:
+    only = sys.argv[1:]
+    for name, f, a, b, test, k in CASES:
+        if only and not any(o in name for o in only):
+            continue
+        inject(name, R / f, a, b, test, k)
+
+
+def inject(name: str, path: Path, a: str, b: str, test: str, k: str) -> None:
+    orig = path.read_text()
+    if orig.count(a) != 1:
+        print(f"STALE   {name}: the code it breaks has changed; update the case")
+        return
+    path.write_text(orig.replace(a, b))
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", test, "-k", k], cwd=R, capture_output=True,
+                           text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600)
+        last = r.stdout.strip().splitlines()[-1]
+        print(f"{'CAUGHT' if r.returncode else 'MISSED'}  {name:40s} {test}::{k}  ({last})", flush=True)
+    finally:
+        path.write_text(orig)
+
+
+if __name__ == "__main__":
+    main()
