@@ -4,7 +4,9 @@
     python interpret.py --split valid -k 4
     python interpret.py --pair a.jpg b.jpg     # why were these two faces judged the same / different?
 
-Heatmap: the class-token attention rollout over the face; white squares: the patches GLCA selected.
+Each pair: outer columns, the class-token attention rollout over each face (white squares: the patches
+GLCA selected); inner columns, the occlusion map of the pair score that explains the verdict: what made
+the two faces differ (red) or look alike (green), its strongest window outlined (twins/explain.py).
 Figures go to --out (default models/interpret/).
 """
 import argparse
@@ -32,7 +34,7 @@ def one_pair(model, cfg: dict, threshold: float, paths: list[str], out: Path) ->
     rows = figure_rows(model, split, cache, enc, pairs, score, same, np.zeros(1), threshold)
     rows[0]["caption_b"] = f"{Path(paths[1]).name}\nsays {'same person' if same[0] else 'different people'}"
     path = out / "pair.png"
-    plot_pairs(rows, path, title="rollout heatmap + GLCA tokens")
+    plot_pairs(rows, path, title="outer: rollout + GLCA tokens; inner: the regions that decided the verdict")
     print(f"{paths[0]} vs {paths[1]}: cos {score[0]:.4f}, threshold {threshold:.4f} -> "
           f"{'same person' if same[0] else 'different people'}; figure {path}")
 
@@ -46,7 +48,7 @@ def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out:
         rows = figure_rows(model, split, cache, enc, pairs[idx], scores[idx], genuine[idx], losses[idx], threshold)
         path = out / f"top_{name}.png"
         what = "twin impostors scored most alike" if name == "impostor" else "genuine pairs scored least alike"
-        plot_pairs(rows, path, title=f"{args.split}: top-loss {what}")
+        plot_pairs(rows, path, title=f"{args.split}: top-loss {what} (outer: rollout + GLCA; inner: what decided)")
         listing[name] = [{"image_a": str(split.paths[a]), "image_b": str(split.paths[b]), "score": float(s),
                           "loss": float(l)} for (a, b), s, l in zip(pairs[idx], scores[idx], losses[idx])]
         print(f"{path}: {len(idx)} {what}")

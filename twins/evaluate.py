@@ -13,17 +13,23 @@ from .model import DCAL
 from .viz import plot_roc
 
 
+def normalise(model: DCAL, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (n, 3, H, W) as the model's input, on its device: [0, 1], then its mean and std."""
+    dc, dev = model.data_config, next(model.parameters()).device
+    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (images.to(dev).float() / 255 - mean) / std
+
+
 @torch.no_grad()
 def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
     """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
     rollout, GLCA-selected patches, on the CPU."""
-    dc, dev = model.data_config, next(model.parameters()).device
-    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
+    dev = next(model.parameters()).device
     model.eval()
     parts = []
     for i in range(0, len(cache), bs):
         with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            out = model.encode((cache[i:i + bs].to(dev).float() / 255 - mean) / std)
+            out = model.encode(normalise(model, cache[i:i + bs]))
         parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

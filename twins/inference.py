@@ -18,6 +18,7 @@ from .evaluate import choose_threshold, embed_images, encode_all
 from .loss import DCALLoss
 from .metrics import protocol_scores
 from .runs import folder_run_id
+from .explain import pair_maps
 from .viz import maps_of
 
 
@@ -82,6 +83,16 @@ def describe(learn: Learner, path: Path) -> str:
     return text
 
 
+def explain(learn: Learner, img_a, img_b) -> dict:
+    """`verify` plus why (paths or PIL images): `map_a`, `map_b` are occlusion maps of the pair score,
+    one value per window of patches, row-major over the face (twins/explain.py). Positive: without that
+    region the two faces would score more alike, so it made them look different (dissimilarity);
+    negative: it made them look alike (similarity)."""
+    score, map_a, map_b = pair_maps(learn.model, load_faces([img_a, img_b], learn.twins["config"]["size"]))
+    t = learn.twins["threshold"]
+    return {"score": score, "same": score >= t, "threshold": t, "map_a": map_a, "map_b": map_b}
+
+
 def verify(learn: Learner, img_a, img_b) -> dict:
     """Score one pair (paths or PIL images): cosine of the DCAL embeddings (SA + GLCA), the decision
     at the threshold chosen on validation, and the threshold."""
@@ -122,14 +133,17 @@ def top_losses(model, split: Split, cache: torch.Tensor, k: int):
 
 
 def figure_rows(model, split: Split, cache: torch.Tensor, enc: dict, pairs, scores, genuine, losses, threshold):
-    """Rows for `viz.plot_pairs`: both faces with rollout heatmap and GLCA tokens, score, threshold, truth."""
+    """Rows for `viz.plot_pairs`: both faces with rollout heatmap and GLCA tokens, the occlusion maps that
+    explain the verdict, score, threshold, truth."""
     rows = []
     for (a, b), s, g, l in zip(pairs, scores, genuine, losses):
         (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, a), maps_of(model, enc, b)
+        _, delta_a, delta_b = pair_maps(model, cache[[a, b]])
         verdict = "same" if s >= threshold else "different"
         truth = "same person" if g else "twins"
         rows.append(dict(img_a=cache[a].permute(1, 2, 0).numpy() / 255, img_b=cache[b].permute(1, 2, 0).numpy() / 255,
-                         heat_a=heat_a, heat_b=heat_b, mask_a=mask_a, mask_b=mask_b,
+                         heat_a=heat_a, heat_b=heat_b, mask_a=mask_a, mask_b=mask_b, delta_a=delta_a,
+                         delta_b=delta_b, same=bool(s >= threshold),
                          caption_a=f"{split.ids[split.person[a]]}  {split.paths[a].name}\n"
                                    f"cos {s:.3f}, threshold {threshold:.3f}",
                          caption_b=f"{split.ids[split.person[b]]}  {split.paths[b].name}\n"

@@ -160,7 +160,7 @@ class DCAL(nn.Module):
         against all tokens. Returns the GLCA feature (the mean of the R+1 outputs, after its norm) and the
         selected patch indices."""
         blk, attn = self.glca_block, self.glca_block.attn
-        top = row[:, 1:].topk(self.n_select, dim=1).indices + 1
+        top = row[:, 1:].topk(min(self.n_select, row.shape[1] - 1), dim=1).indices + 1
         idx = torch.cat([torch.zeros_like(top[:, :1]), top], 1)
         h = blk.norm1(x)
         h_sel = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
@@ -193,10 +193,14 @@ class DCAL(nn.Module):
 
     def encode(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
         """Run SA (+ PWCA when `partner` gives each image's partner index in the batch) and GLCA."""
-        x = self.tokens(x)
+        return self.encode_tokens(self.tokens(x), partner)
+
+    def encode_tokens(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict:
+        """`encode` from the token sequence (class token first): patch tokens may have been left out
+        (occlusion maps), the rest keep their position embeddings."""
         x_pw = x if partner is not None else None
         maps, last_in = [], x
-        recompute = self.grad_ckpt and torch.is_grad_enabled()
+        recompute = getattr(self, "grad_ckpt", False) and torch.is_grad_enabled()  # absent in learners exported before it
         for blk in self.vit.blocks:
             last_in = x
             if recompute:  # keeps only the block's inputs for backward; the RNG state is replayed (drop-path)

@@ -1,4 +1,5 @@
-"""Attention heatmaps over the face: the class-token rollout, with the GLCA-selected patches marked."""
+"""Heatmaps over the face: the class-token rollout with the GLCA-selected patches marked, and the
+pair-score occlusion maps that explain a verdict; the ROC figure."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,13 +22,13 @@ def maps_of(model, enc: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return enc["rollout"][i].view(gh, gw), mask.view(gh, gw)
 
 
-def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: str):
-    """Draw `img` (H, W, 3 in [0, 1]) with the rollout heatmap and the outlines of selected patches."""
+def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: str, cmap: str = "jet"):
+    """Draw `img` (H, W, 3 in [0, 1]) with a heatmap and the outlines of the cells `mask` marks."""
     h, w = img.shape[:2]
-    heat = F.interpolate(heat[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    heat = F.interpolate(heat[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     heat = (heat - heat.min()) / (heat.max() - heat.min() + 1e-8)
     ax.imshow(img)
-    ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
+    ax.imshow(heat.numpy(), cmap=cmap, alpha=0.45)
     gh, gw = mask.shape
     ys, xs = np.nonzero(mask.numpy())
     for y, x in zip(ys, xs):
@@ -36,12 +37,28 @@ def overlay(ax, img: np.ndarray, heat: torch.Tensor, mask: torch.Tensor, title: 
     ax.axis("off")
 
 
+def verdict_map(delta: torch.Tensor, same: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """From an occlusion map of the pair score (twins/explain.py) to what explains the verdict: the
+    similarity part for "same" (regions whose removal lowers the score), the dissimilarity part for
+    "different" (removal raises it); with the strongest window marked, and a title."""
+    part = (-delta if same else delta).clamp(min=0)
+    top = torch.zeros_like(part).flatten()
+    top[int(part.argmax())] = 1.0
+    return part, top.view_as(part), "made them alike" if same else "made them differ"
+
+
 def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
-    """One row per pair: each row dict has img_a, img_b (H, W, 3), heat_a/b, mask_a/b, and a caption."""
-    fig, axes = plt.subplots(len(rows), 2, figsize=(6, 3.2 * len(rows)), squeeze=False)
+    """One row per pair: each row dict has img_a, img_b (H, W, 3), heat_a/b, mask_a/b, and a caption;
+    with `delta_a`/`delta_b` (occlusion maps) and `same` (the verdict), also the map that explains it."""
+    pair = "delta_a" in rows[0]
+    fig, axes = plt.subplots(len(rows), 4 if pair else 2, figsize=(12 if pair else 6, 3.2 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows):
         overlay(ax_row[0], r["img_a"], r["heat_a"], r["mask_a"], r["caption_a"])
-        overlay(ax_row[1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])
+        overlay(ax_row[-1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])
+        if pair:
+            for ax, img, delta, who in ((ax_row[1], r["img_a"], r["delta_a"], "A"), (ax_row[2], r["img_b"], r["delta_b"], "B")):
+                heat, top, what = verdict_map(delta, r["same"])
+                overlay(ax, img, heat, top, f"{who}: what {what}", cmap="Reds" if not r["same"] else "Greens")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(rows))) if title else None)
