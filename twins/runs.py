@@ -42,8 +42,8 @@ def claim_for_fresh(folder: Path, overwrite: bool) -> None:
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
     if not overwrite:
         raise CheckpointError(f"{folder}/ holds another run ({names}); a fresh run never overwrites one: pass "
-                              f"--out NEW_FOLDER, resume it (python train.py --resume {folder}), or add --overwrite "
-                              "to delete it first")
+                              "--out NEW_FOLDER, or add --overwrite to delete it first (an unfinished run continues "
+                              f"with python train.py --resume {folder})")
     for p in found:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     print(f"--overwrite: deleted the previous run in {folder}/ ({names})")
