@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 import tempfile
 import time
-from pathlib import Path
 
 import fastai
 import timm
@@ -117,7 +116,7 @@ def preflight(cfg: dict, time_limit_h: float | None) -> bool:
 
 
 def summary(cfg: dict, state: dict, time_limit_h: float | None) -> None:
-    data, learn, timer = state["data"], state["learn"], state["timer"]
+    learn, timer = state["learn"], state["timer"]
     print(f"Check passed. {_gpu()}, {cfg['bs']} pairs per step"
           + (f" ({cfg['accum']} micro-batches of {cfg['bs'] // cfg['accum']})" if cfg["accum"] > 1 else "")
           + f", lr {cfg['lr']:.3g}")
