@@ -47,10 +47,10 @@ def main():
     marks = json.loads((Path(args.demo) / "marks.json").read_text())
     threshold, _ = validation_threshold(model, cfg)
     test = load_split(cfg, "test")
-    enc = encode_all(model, build_cache(test.paths, cfg["size"], "test images"))
+    cache = build_cache(test.paths, cfg["size"], "test images")
+    enc = encode_all(model, cache)
     emb = model.embedding(enc)
     scores, genuine, pairs = protocol_scores(emb, test.person, test.twin_pairs)
-    cache = build_cache(test.paths, cfg["size"], "pair maps")
     gh, gw = model.vit.patch_embed.grid_size
     wins = windows(model)
 

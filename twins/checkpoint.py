@@ -34,8 +34,13 @@ def epoch_path(folder: str | Path, epoch: int) -> Path:
     return Path(folder) / f"ep{epoch}.pth"
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch an `ep{N}.pth` file holds, from its name."""
+    return int(re.sub(r"\D", "", path.stem) or 0)
+
+
 def newest_checkpoint(folder: str | Path) -> Path:
-    found = sorted(Path(folder).glob("ep*.pth"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    found = sorted(Path(folder).glob("ep*.pth"), key=checkpoint_epoch)
     if not found:
         raise CheckpointError(f"no checkpoint ep*.pth in {folder}/; train first (python train.py --fresh) "
                               "or pass --ckpt")

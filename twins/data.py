@@ -258,8 +258,9 @@ def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     return np.asarray(to_rgb(im).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
 
 
-def why_unreadable(e: Exception) -> str:
-    """What is wrong with an image file, in a few words, from the exception that decoding raised."""
+def why_unreadable(e: Exception, source) -> str:
+    """What is wrong with an image `source` (path or PIL image), in a few words, from the exception
+    that decoding it raised."""
     if isinstance(e, IsADirectoryError):
         return "a folder, not an image"
     if isinstance(e, FileNotFoundError):
@@ -267,19 +268,12 @@ def why_unreadable(e: Exception) -> str:
     if isinstance(e, PermissionError):
         return "no permission to read it"
     if isinstance(e, UnidentifiedImageError):
-        return "empty file" if e.args and "cannot identify" in str(e) and _is_empty(e) else "not an image"
+        empty = isinstance(source, (str, Path)) and Path(source).stat().st_size == 0
+        return "empty file" if empty else "not an image"
     text = str(e)
     if "truncated" in text.lower():
         return "truncated (an incomplete download or copy?)"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _is_empty(e: UnidentifiedImageError) -> bool:
-    name = getattr(e, "filename", None) or str(e).rsplit(" ", 1)[-1].strip("'")
-    try:
-        return Path(name).stat().st_size == 0
-    except OSError:
-        return False
 
 
 def decode_into(out: torch.Tensor, sources: list, size: int, desc: str) -> None:
@@ -289,7 +283,7 @@ def decode_into(out: torch.Tensor, sources: list, size: int, desc: str) -> None:
         try:
             out[i].numpy()[...] = load_face(sources[i], size)
         except Exception as e:  # any decoding failure is the file's, reported with the others
-            return f"{sources[i]} ({why_unreadable(e)})"
+            return f"{sources[i]} ({why_unreadable(e, sources[i])})"
     failed = [f for f in parallel(one, range(len(sources)), n_workers=min(8, os.cpu_count() or 1), threadpool=True,
                                   progress=sys.stdout.isatty() and len(sources) > 2) if f]  # a log gets no bar
     if failed:

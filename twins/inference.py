@@ -2,7 +2,6 @@
 and the top-loss twin pairs with their attention heatmaps. No W&B here: `verify()` runs without wandb."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 
+from .checkpoint import checkpoint_epoch
 from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_faces, normalizer, split_valid
 from .errors import CheckpointError, DataError
 from .evaluate import choose_threshold, embed_images, encode_all
@@ -76,9 +76,9 @@ def describe(learn: Learner, path: Path) -> str:
     t = learn.twins
     text = (f"{path}: run {t.get('run_id') or '(unnamed)'}, epoch {t['epoch']}, exported from "
             f"{t.get('checkpoint', 'a checkpoint')}")
-    newer = [c for c in path.parent.glob("ep*.pth") if int(re.sub(r"\D", "", c.stem) or 0) > t["epoch"]]
+    newer = [c for c in path.parent.glob("ep*.pth") if checkpoint_epoch(c) > t["epoch"]]
     if newer and folder_run_id(path.parent) == t.get("run_id"):
-        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({max(newer, key=lambda c: c.stat().st_mtime).name}); "
+        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({max(newer, key=checkpoint_epoch).name}); "
                  "python export.py exports the newest")
     return text
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import clean_leftovers
+from .checkpoint import checkpoint_epoch, clean_leftovers
 from .errors import CheckpointError
 
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
@@ -57,7 +56,7 @@ def claim_for_resume(folder: Path, run_id: str | None, epoch: int) -> None:
     other = folder_run_id(folder)
     if other is not None and other != run_id and run_files(folder):
         raise CheckpointError(f"{folder}/ holds another run ({other}); resume into a new folder with --out")
-    later = sorted(p.name for p in folder.glob("ep*.pth") if int(re.sub(r"\D", "", p.stem) or 0) > epoch)
+    later = sorted(p.name for p in folder.glob("ep*.pth") if checkpoint_epoch(p) > epoch)
     if later:
         raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming from "
                               f"epoch {epoch} there would overwrite them. Resume from the newest "
