@@ -4,6 +4,7 @@
     python train.py --resume models/ep20     # continue from the checkpoint written after epoch 20
     python train.py --fresh --check          # a few minutes: will the run work here, and how long will it take?
     python train.py --fresh --demo           # the generated demo set, a small CPU recipe
+    accelerate launch --multi_gpu --num_processes 2 train.py --fresh   # every GPU of a T4 x2: one process each
 """
 import time
 
@@ -14,10 +15,13 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 
+import torch  # noqa: E402
+
 from twins.app import find_lr, train  # noqa: E402
 from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config, resume_config  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
+from twins.distributed import is_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
 from twins.preflight import preflight  # noqa: E402
 
@@ -53,9 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "model and data (plot in --out), no training")
     p.add_argument("--epochs", type=int, help=f"total epochs of the one-cycle schedule ({default('epochs')})")
     p.add_argument("--lr", type=float, help=f"peak learning rate of the one-cycle schedule ({default('lr')})")
-    p.add_argument("--bs", type=batch_size, help="pairs per optimiser step, or 'auto': on a GPU the largest batch "
-                   "that fits (learning rate scaled with it; gradient accumulation when memory is short), on the "
-                   f"CPU the recipe's ({default('bs')}; auto unless given)")
+    p.add_argument("--bs", type=batch_size, help="pairs per step in each process (one per GPU), or 'auto': on a GPU "
+                   "the largest batch that fits (learning rate scaled with the pairs per step of all processes; "
+                   f"gradient accumulation when memory is short), on the CPU the recipe's ({default('bs')}; auto "
+                   "unless given)")
     p.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute each block's activations in "
                    "the backward pass: less memory per pair (larger batches fit), about 20%% more time per step")
     p.add_argument("--time-limit", type=float, metavar="HOURS", help="stop cleanly, with a checkpoint and the "
@@ -94,18 +99,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.check or args.lr_find or args.overwrite) and not args.fresh:
         p.error("--check, --lr-find and --overwrite go with --fresh")
+    if args.lr_find and world() > 1:
+        p.error("--lr-find runs in one process: python train.py --fresh --lr-find")
     return args
+
+
+def gpu_note(argv: list[str], gpus: int) -> str | None:
+    """What to say when one process runs on a machine with several GPUs."""
+    if gpus < 2 or world() > 1:
+        return None
+    return (f"Training on 1 of the {gpus} GPUs of this machine. To train on all of them (one process each):\n"
+            f"  accelerate launch --multi_gpu --num_processes {gpus} train.py {' '.join(argv)}")
 
 
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
+    start()
+    if not is_main():  # the main process prints for all
+        sys.stdout = open(os.devnull, "w")
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if note := gpu_note(argv, torch.cuda.device_count()):
+        print(note)
     modes = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite")
     flags = {k: v for k, v in vars(args).items() if k not in modes}
     if args.bs == "auto":
         flags.update(bs=None, bs_auto=True)
-    elif args.bs is not None and args.fresh:
-        flags.update(bs_auto=False, accum=1)  # exactly this batch
+    elif args.bs is not None:
+        flags["bs"] = args.bs * world()  # --bs is per process; a run's bs is its pairs per optimiser step
+        if args.fresh:
+            flags.update(bs_auto=False, accum=1, processes=world())  # exactly this batch
     limit = args.time_limit if args.time_limit is not None else (
         KAGGLE_TIME_LIMIT_H if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else None)
     try:
@@ -133,7 +156,7 @@ def main(argv=None) -> None:
         train(cfg, ckpt, str(source) if source else None,
               deadline=PROCESS_START + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
     except TwinsError as e:
-        raise SystemExit(f"{e.label}: {e}") from None
+        raise SystemExit(f"{e.label}: {e}" if is_main() else 1) from None
     except KeyboardInterrupt:  # what was saved and how to resume is printed already
         raise SystemExit(130) from None
 

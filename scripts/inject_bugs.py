@@ -2,7 +2,7 @@
 repository root). Each case injects one realistic bug into the code, runs the test that pins that
 behaviour, restores the file, and prints CAUGHT or MISSED.
 
-    python -m scripts.inject_bugs               # every case (about 3 minutes on 2 CPU cores)
+    python -m scripts.inject_bugs               # every case (about 6 minutes on 2 CPU cores)
     python -m scripts.inject_bugs PWCA resume   # the cases whose name contains one of these words
 """
 import os
@@ -24,12 +24,19 @@ CASES = [
  ("EER not interpolated", "twins/metrics.py", "    eer = far[k - 1] + t * (far[k] - far[k - 1])", "    eer = far[k]", "tests/test_metrics.py", "interpolated"),
  ("EER threshold not interpolated", "twins/metrics.py", "    return float(eer), float(thr[k - 1] + t * (thr[k] - thr[k - 1]))", "    return float(eer), float(thr[k])", "tests/test_metrics.py", "interpolated"),
  ("infinite EER threshold", "twins/metrics.py", "        return float(eer), float(thr[k])\n", "        return float(eer), float(thr[k - 1])\n", "tests/test_metrics.py", "finite"),
- ("validation metric from partners", "twins/metrics.py", "        self.embs.append(learn.pred[\"emb_a\"].detach().float().cpu())", "        self.embs.append(learn.pred[\"emb_b\"].detach().float().cpu())", "tests/test_metrics.py", "every_validation_image"),
+ ("validation metric from partners", "twins/metrics.py", "learn.to_detach(learn.pred[\"emb_a\"])", "learn.to_detach(learn.pred[\"emb_b\"])", "tests/test_metrics.py", "every_validation_image"),
  ("checkpoint written in place", "twins/checkpoint.py", "        tmp.write_bytes(data)\n        os.replace(tmp, path)", "        path.write_bytes(data)", "tests/test_runs.py", "leaves_the_previous"),
  ("weight decay on everything", "twins/callbacks.py", "        skip = self.model.no_weight_decay()\n", "        return\n", "tests/test_train.py", "weight_decay"),
  ("PWCA partner k/v from its PWCA stream", "twins/model.py", "            kd, vd = k[:n][partner].detach(), val[:n][partner].detach()", "            kd, vd = k[n:][partner].detach(), val[n:][partner].detach()", "tests/test_model.py", "sa_stream_detached"),
  ("PWCA partner k/v not detached", "twins/model.py", "            kd, vd = k[:n][partner].detach(), val[:n][partner].detach()", "            kd, vd = k[:n][partner], val[:n][partner]", "tests/test_model.py", "sa_stream_detached"),
  ("evaluation in training mode", "twins/evaluate.py", "    model.eval()\n    parts = []", "    parts = []", "tests/test_model.py", "eval_mode"),
+ ("shards as contiguous blocks (as fastai's DistributedDL)", "twins/data.py", "    mine = [i for k in range(0, full, step) for i in order[k + rank * bs:k + (rank + 1) * bs]]", "    mine = order[rank * full // world:(rank + 1) * full // world]", "tests/test_distributed.py", "shard_rule"),
+ ("validation embeddings not gathered", "twins/metrics.py", "learn.to_detach(learn.pred[\"emb_a\"])", "learn.pred[\"emb_a\"].detach().cpu()", "tests/test_distributed.py", "anchor_once"),
+ ("one augmentation stream in every process", "twins/data.py", "[self.dls.train.dataset.seed, self.epoch, rank()]", "[self.dls.train.dataset.seed, self.epoch]", "tests/test_distributed.py", "anchor_once"),
+ ("every process writes", "twins/app.py", "    if is_main():\n        run = start_wandb", "    if True:\n        run = start_wandb", "tests/test_distributed.py", "writes_once"),
+ ("test embeddings gathered out of order", "twins/evaluate.py", "    return torch.cat(gather(part))", "    return torch.cat(gather(part)[::-1])", "tests/test_distributed.py", "writes_once"),
+ ("random draws not reseeded each epoch", "twins/data.py", "        set_seed(int(np.random.SeedSequence(", "        (lambda s: None)(int(np.random.SeedSequence(", "tests/test_runs.py", "uninterrupted"),
+ ("resume keeps the old process split", "twins/app.py", "        cfg.update(reshare(cfg, world()))", "        pass", "tests/test_distributed.py", "resumes_in_one_process"),
 ]
 
 

@@ -9,8 +9,9 @@ from fastai.callback.core import Callback
 import train
 from helpers import TINY, lrs, run, tiny_config
 from twins.app import build, prepare
-from twins.batch import largest_fitting, plan, training_step
+from twins.batch import largest_fitting, plan, reshare, training_step
 from twins.config import KAGGLE, resolve_config
+from twins.errors import CheckpointError
 from twins.evaluate import encode_all
 from twins.model import DCAL
 from twins.preflight import StepTimer
@@ -37,17 +38,41 @@ def test_batch_search_takes_the_largest_batch_below_the_out_of_memory_limit():
         largest_fitting(broken, 8)
 
 
-@pytest.mark.parametrize("fits, expected", [
-    (40, {"bs": 36, "accum": 1, "lr": 1e-4 * 36 / 16}),  # memory to spare: a larger batch, lr scaled with it
-    (18, {"bs": 16, "accum": 1, "lr": 1e-4}),  # 16 after the margin: the recipe
-    (12, {"bs": 16, "accum": 2, "lr": 1e-4}),  # 10 after the margin: two micro-batches of 8
-    (7, {"bs": 16, "accum": 4, "lr": 1e-4}),  # 6: micro-batches must divide the recipe's batch
-    (1, {"bs": 16, "accum": 16, "lr": 1e-4}),
+@pytest.mark.parametrize("fits, processes, expected", [
+    (40, 1, {"bs": 36, "accum": 1, "lr": 1e-4 * 36 / 16}),  # memory to spare: a larger batch, lr scaled with it
+    (18, 1, {"bs": 16, "accum": 1, "lr": 1e-4}),  # 16 after the margin: the recipe
+    (12, 1, {"bs": 16, "accum": 2, "lr": 1e-4}),  # 10 after the margin: two micro-batches of 8
+    (7, 1, {"bs": 16, "accum": 4, "lr": 1e-4}),  # 6: micro-batches must divide the recipe's batch
+    (1, 1, {"bs": 16, "accum": 16, "lr": 1e-4}),
+    (12, 2, {"bs": 20, "accum": 1, "lr": 1e-4 * 20 / 16}),  # two GPUs of 10: 20 pairs per step
+    (7, 2, {"bs": 16, "accum": 2, "lr": 1e-4}),  # two GPUs of 6: 8 each, in micro-batches of 4
+    (1, 2, {"bs": 16, "accum": 8, "lr": 1e-4}),
+    (4, 3, {"bs": 18, "accum": 2, "lr": 1e-4 * 18 / 16}),  # 16 cannot be shared by 3: 6 each, micro-batches of 3
 ])
-def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, expected):
-    got = plan(fits, 16, 1e-4)
-    assert got == pytest.approx(expected)
-    assert (got["bs"] // got["accum"]) * got["accum"] == got["bs"]
+def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, processes, expected):
+    got = plan(fits, 16, 1e-4, processes)
+    assert got == pytest.approx({**expected, "processes": processes})
+    share = got["bs"] // processes
+    assert share * processes == got["bs"] and share % got["accum"] == 0
+    assert share // got["accum"] <= max(1, int(fits * 0.9))  # every micro-batch fits
+
+
+@pytest.mark.parametrize("run, processes, accum", [
+    ({"bs": 32, "accum": 1, "processes": 2}, 1, 2),  # two GPUs of 16 resumed on one: 2 micro-batches of 16
+    ({"bs": 16, "accum": 2, "processes": 1}, 2, 1),  # one GPU in 2 x 8 resumed on two: 8 each
+    ({"bs": 16, "accum": 4, "processes": 1}, 2, 2),  # micro-batches of 4 stay 4
+    ({"bs": 20, "accum": 1, "processes": 2}, 4, 1),
+])
+def test_a_resumed_run_keeps_its_steps_on_another_number_of_processes(run, processes, accum):
+    got = reshare(run, processes)
+    assert got == {"accum": accum, "processes": processes}
+    assert (run["bs"] // processes) // accum <= run["bs"] // (run["processes"] * run["accum"])
+
+
+def test_a_step_that_processes_cannot_share_equally_is_refused():
+    with pytest.raises(CheckpointError, match=r"18 pairs, which 4 processes cannot share equally; resume it with "
+                                              r"1 or 2 or 3 or 6 process"):
+        reshare({"bs": 18, "accum": 1, "processes": 3}, 4)
 
 
 class CountSteps(Callback):
@@ -114,7 +139,8 @@ def test_check_runs_every_step_and_projects_the_run(tiny_demo, tmp_path, monkeyp
         train.main([*args, "--bs", "auto", "--epochs", "40"])
     out = capsys.readouterr().out
     assert stop.value.code == 0, out
-    for line in ("Batch: 16 pairs per step (the recipe's; no GPU to measure)", "Check data and model: ",
+    for line in ("Batch: the recipe's 16 pairs in each process (no GPU to measure)",
+                 "Batch: 16 pairs per optimiser step, peak lr 0.001", "Check data and model: ",
                  "Check training steps: ", "pairs/s", "Check checkpoint: written", "read back and resumed",
                  "Check passed.", "for 40 epochs", "Fits a Kaggle session"):
         assert line in out, line

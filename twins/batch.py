@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from accelerate.utils import find_executable_batch_size
 
+from .errors import CheckpointError
 from .loss import DCALLoss
 from .model import DCAL
 
@@ -26,15 +27,47 @@ def largest_fitting(step: Callable[[int], None], start: int) -> int:
     return probe()
 
 
-def plan(fits: int, recipe_bs: int, recipe_lr: float) -> dict:
-    """From the largest batch that fits to the run's `bs` (pairs per optimiser step), `accum`
-    (micro-batches per step) and `lr`. Memory to spare: more pairs per step and the learning rate
-    scaled linearly with them. Memory short: the recipe's batch in `accum` equal micro-batches."""
+def micro_batch(share: int, limit: int) -> int:
+    """The largest micro-batch of at most `limit` pairs that divides a process's `share` of a step."""
+    return max(d for d in range(1, min(share, limit) + 1) if share % d == 0)
+
+
+def plan(fits: int, recipe_bs: int, recipe_lr: float, processes: int = 1) -> dict:
+    """From the largest batch that fits one process's GPU to the run's `bs` (pairs per optimiser
+    step, all processes together), `accum` (micro-batches per step in each process), `lr` and
+    `processes`. Memory to spare: every process fills its GPU, the learning rate scaled linearly
+    with the pairs per step. Memory short: the recipe's pairs per step (rounded up to a multiple of
+    `processes`), shared by the processes, each in `accum` equal micro-batches."""
     safe = max(1, int(fits * (1 - MARGIN)))
-    if safe >= recipe_bs:
-        return {"bs": safe, "accum": 1, "lr": recipe_lr * safe / recipe_bs}
-    micro = max(d for d in range(1, safe + 1) if recipe_bs % d == 0)
-    return {"bs": recipe_bs, "accum": recipe_bs // micro, "lr": recipe_lr}
+    if safe * processes >= recipe_bs:
+        bs, accum = safe * processes, 1
+    else:
+        share = -(-recipe_bs // processes)
+        bs, accum = share * processes, share // micro_batch(share, safe)
+    return {"bs": bs, "accum": accum, "lr": recipe_lr * bs / recipe_bs, "processes": processes}
+
+
+def reshare(cfg: dict, processes: int) -> dict:
+    """A run's steps (`bs` pairs) taken by another number of processes (a resume on more or fewer
+    GPUs): the same pairs per step and learning rate, each process's share in micro-batches no
+    larger than the run's (the memory known to fit). Returns the new `accum` and `processes`."""
+    if cfg["bs"] % processes:
+        fit = [n for n in range(1, cfg["bs"] + 1) if cfg["bs"] % n == 0 and n <= 8]
+        raise CheckpointError(f"this run steps with {cfg['bs']} pairs, which {processes} processes cannot share "
+                              f"equally; resume it with {' or '.join(map(str, fit))} process(es)")
+    micro = cfg["bs"] // (cfg["processes"] * cfg["accum"])
+    share = cfg["bs"] // processes
+    return {"accum": share // micro_batch(share, micro), "processes": processes}
+
+
+def describe(cfg: dict) -> str:
+    """The effective batch of a run and its learning rate, in words."""
+    n, share = cfg["processes"], cfg["bs"] // cfg["processes"]
+    parts = [f"{n} processes x {share}"] if n > 1 else []
+    if cfg["accum"] > 1:
+        parts.append(f"{cfg['accum']} micro-batches of {share // cfg['accum']}" + (" each" if n > 1 else ""))
+    return f"{cfg['bs']} pairs per optimiser step" + (f" ({', '.join(parts)})" if parts else "") + \
+        f", peak lr {cfg['lr']:.3g}"
 
 
 def training_step(model: DCAL, n_classes: int, size: int, dev: torch.device) -> Callable[[int], None]:

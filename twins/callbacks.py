@@ -14,6 +14,7 @@ from fastai.learner import Recorder
 
 from .checkpoint import epoch_path, restore_run_state, snapshot, write_atomic
 from .data import Split
+from .distributed import bare, share, world
 from .evaluate import encode_all
 from .tracking import log_figure, wandb_run
 from .viz import maps_of, plot_pairs
@@ -117,8 +118,8 @@ class Checkpoint(EveryNEpochs):
 
 
 class RestoreRunState(Callback):
-    """On resume: puts back the random state the checkpoint was saved with, just before the first
-    trained epoch draws from it (after fastai's MixedPrecision has made its loss scaler)."""
+    """On resume: puts back the run state the checkpoint was saved with (the fp16 loss scale), just
+    before the first trained epoch (after fastai's MixedPrecision has made its loss scaler)."""
 
     def __init__(self, state: dict | None):
         self.state = state
@@ -146,12 +147,13 @@ class AttentionMaps(EveryNEpochs):
         self.folder = Path(folder)
 
     def act(self, done: int):
-        enc = encode_all(self.model, self.images)
-        emb, n = self.model.embedding(enc), len(self.captions)
+        model = bare(self.model)
+        enc = encode_all(model, self.images)
+        emb, n = model.embedding(enc), len(self.captions)
         imgs = self.images.permute(0, 2, 3, 1).numpy() / 255
         rows = []
         for i in range(n):
-            (heat_a, mask_a), (heat_b, mask_b) = maps_of(self.model, enc, i), maps_of(self.model, enc, n + i)
+            (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, i), maps_of(model, enc, n + i)
             rows.append(dict(img_a=imgs[i], img_b=imgs[n + i], heat_a=heat_a, heat_b=heat_b, mask_a=mask_a,
                              mask_b=mask_b, caption_a=self.captions[i][0],
                              caption_b=f"{self.captions[i][1]}  cos {float(emb[i] @ emb[n + i]):.3f}"))
@@ -162,9 +164,10 @@ class AttentionMaps(EveryNEpochs):
 
 class EpochReport(EveryNEpochs):
     """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the
-    epoch's time (validation, heatmaps and checkpoint included), training pairs/s, peak GPU memory, and
-    when the run will end. Before an epoch that would end past `deadline` (a time.time() value), the
-    run stops cleanly (CancelFitException: `Checkpoint` saves the last epoch) and `stopped` says so."""
+    epoch's time (validation, heatmaps and checkpoint included), training pairs/s (of all processes),
+    peak GPU memory (of this process), and when the run will end. Before an epoch that would end past
+    `deadline` (a time.time() value), the run stops cleanly (CancelFitException: `Checkpoint` saves
+    the last epoch) and `stopped` says so; with several processes the main one decides for all."""
     order = ProgressCallback.order + 1  # after everything else an epoch does
 
     def __init__(self, deadline: float | None):
@@ -172,7 +175,7 @@ class EpochReport(EveryNEpochs):
         self.deadline, self.times, self.stopped = deadline, [], False
 
     def before_epoch(self):
-        if self.deadline is not None and self.times and time.time() + max(self.times) > self.deadline:
+        if self.deadline is not None and share(bool(self.times) and time.time() + max(self.times) > self.deadline):
             self.stopped = True
             raise CancelFitException()
         super().before_epoch()
@@ -185,7 +188,7 @@ class EpochReport(EveryNEpochs):
 
     def after_train(self):
         super().after_train()
-        self.pairs_per_s = self.n_iter * self.dls.train.bs / (time.time() - self.train_start)
+        self.pairs_per_s = self.n_iter * self.dls.train.bs * world() / (time.time() - self.train_start)
 
     def act(self, done: int):
         took = time.time() - self.start

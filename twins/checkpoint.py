@@ -1,21 +1,20 @@
 """The checkpoint format, in one place: where checkpoints live (`ep{N}.pth`), the atomic write, the
-read with its checks, compatibility with a run, and the model, optimizer and random state they
+read with its checks, compatibility with a run, and the model, optimizer and loss-scale state they
 restore (so that a resumed run is the run it continues)."""
 from __future__ import annotations
 
 import io
 import os
-import random
 import re
 import secrets
 from pathlib import Path
 
-import numpy as np
 import torch
 from fastai.learner import Learner
 from fastai.torch_core import to_device
 
 from .config import MODEL_KEYS, device
+from .distributed import bare
 from .errors import CheckpointError
 from .model import DCAL
 
@@ -68,33 +67,22 @@ def clean_leftovers(folder: Path) -> list[Path]:
 
 
 def run_state(learn: Learner) -> dict:
-    """Everything random the next epoch draws from: python's, numpy's and torch's generators (CUDA's
-    too), the training loader's shuffle generator, and the fp16 loss scale."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "loader": learn.dls.train.rng.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if getattr(learn, "scaler", None) is not None:
-        state["scaler"] = learn.scaler.state_dict()
-    return state
+    """What the next epoch continues from besides the weights and optimizer: the fp16 loss scale.
+    (Every random draw of an epoch comes from the seed and the epoch: `data.RedrawPairs`.)"""
+    return {"scaler": learn.scaler.state_dict()} if getattr(learn, "scaler", None) is not None else {}
 
 
 def restore_run_state(learn: Learner, state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    learn.dls.train.rng.setstate(state["loader"])
     if "scaler" in state and getattr(learn, "scaler", None) is not None:
         learn.scaler.load_state_dict(state["scaler"])
 
 
 def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
-    change it): model, optimizer, epochs completed, random state and `meta` (config, training ids, W&B run id)."""
+    change it): model (without DDP's wrapper), optimizer, epochs completed, run state and `meta`
+    (config, training ids, W&B run id)."""
     buf = io.BytesIO()
-    torch.save({"model": learn.model.state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch,
+    torch.save({"model": bare(learn.model).state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch,
                 "run_state": run_state(learn), **meta}, buf)
     return buf.getvalue()
 

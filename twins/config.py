@@ -18,7 +18,7 @@ DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30,
 # Everything else a run is configured by.
 DEFAULTS = dict(data="data_json", data_root=None, demo=False, valid_pct=0.1, seed=42, out="models", map_every=5,
                 wandb_project="twins-dcal", wandb_entity=WANDB_ENTITY, wandb=True, glca=True, pwca=True,
-                bs_auto=True, accum=1, grad_ckpt=False, save_every=5, run_id=None, weights=None)
+                bs_auto=True, accum=1, processes=1, grad_ckpt=False, save_every=5, run_id=None, weights=None)
 # Kaggle ends a session at 12 h, and a "Save & Run All" version that runs past it keeps no output:
 # stop (with a checkpoint) before an epoch that would end past this, leaving time for the test report.
 KAGGLE_TIME_LIMIT_H = 11.5

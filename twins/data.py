@@ -19,13 +19,14 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders, dispatch, show_batch
 from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage, show_image
+from fastai.torch_core import TensorImage, set_seed, show_image
 from fastcore.basics import fastuple
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
 from PIL import Image, UnidentifiedImageError
 
+from .distributed import rank, world
 from .errors import DataError
 
 SPLITS = ("train", "test")
@@ -346,6 +347,7 @@ class TwinPairs:
     def resample(self, epoch: int):
         if self.fixed and hasattr(self, "partner"):
             return
+        self.epoch = epoch
         partner, same = sample_pairs(self.split, np.random.default_rng([self.seed, epoch]))
         self.partner, self.same = torch.from_numpy(partner), torch.from_numpy(same)
 
@@ -356,10 +358,43 @@ class TwinPairs:
         return i
 
 
+def shard(order: list[int], bs: int, rank: int, world: int, drop_last: bool) -> list[int]:
+    """The part of an epoch's anchor `order` that process `rank` of `world` takes, `bs` per batch.
+    Batch k of every process together is `order[k*world*bs : (k+1)*world*bs]`, process r holding its
+    r-th slice: a step sees the anchors one process would see with `world * bs` pairs, and gathering
+    a batch across processes (in process order) gives back `order`'s sequence. With `drop_last`
+    the incomplete last global batch is dropped (len(order) mod world*bs anchors, as one process
+    drops its incomplete last batch); without, it is split in `world` equal slices, the last padded
+    with repeats of its final anchor: the padding comes after every real anchor once gathered."""
+    if world == 1:
+        return list(order)
+    step = world * bs
+    full = len(order) // step * step
+    mine = [i for k in range(0, full, step) for i in order[k + rank * bs:k + (rank + 1) * bs]]
+    tail = order[full:]
+    if drop_last or not tail:
+        return mine
+    per = -(-len(tail) // world)
+    tail = tail + tail[-1:] * (per * world - len(tail))
+    return mine + tail[rank * per:(rank + 1) * per]
+
+
 class PairDL(DataLoader):
-    """A fastai DataLoader over `TwinPairs`: a batch is gathered straight from the RAM cache
-    (no per-item work)."""
+    """A fastai DataLoader over `TwinPairs`: a batch is gathered straight from the RAM cache (no
+    per-item work). Shuffled from (seed, epoch), so every process draws the same order without
+    communicating; with several processes each takes its `shard`."""
     n_inp = 2  # the model is called as model(img_a, img_b); the targets are (same, id_a, id_b)
+
+    def shuffle_fn(self, idxs):
+        ds = self.dataset
+        return np.random.default_rng([ds.seed, ds.epoch, 1]).permutation(idxs).tolist()
+
+    def get_idxs(self):
+        return shard(super().get_idxs(), self.bs, rank(), world(), self.drop_last)
+
+    def __len__(self):
+        step = world() * self.bs
+        return self.n // step + (0 if self.drop_last or self.n % step == 0 else 1)
 
     def create_batch(self, b):
         ds = self.dataset
@@ -374,11 +409,13 @@ class PairDL(DataLoader):
 
 
 class RedrawPairs(Callback):
-    """Draws each epoch's training pairs from fastai's epoch number, so a resumed run trains on the
-    pairs of the uninterrupted run."""
+    """Every random draw of an epoch comes from the seed and fastai's epoch number, so that a resumed
+    run trains as the uninterrupted run: the pairs and their order (the same in every process), and
+    python's, numpy's and torch's generators (augmentation, drop-path; one stream per process)."""
 
     def before_train(self):
         self.dls.train.dataset.resample(self.epoch)
+        set_seed(int(np.random.SeedSequence([self.dls.train.dataset.seed, self.epoch, rank()]).generate_state(1)[0]))
 
 
 class TwinPair(fastuple):

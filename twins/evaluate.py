@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import roc_curve
 
 from .data import Split, TwinData
+from .distributed import gather, is_main, rank, world
 from .metrics import protocol_scores, verification_report
 from .model import DCAL
 from .viz import plot_roc
@@ -35,8 +36,11 @@ def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
 
 
 def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:
-    """The verification embedding of every cached image."""
-    return model.embedding(encode_all(model, cache))
+    """The verification embedding of every cached image, in image order. With several processes
+    each embeds a contiguous part and the parts are gathered, in process order."""
+    per = -(-len(cache) // world())
+    part = model.embedding(encode_all(model, cache[rank() * per:(rank() + 1) * per]))
+    return torch.cat(gather(part))
 
 
 def split_report(model: DCAL, split: Split, cache: torch.Tensor, threshold: float | None = None):
@@ -57,7 +61,7 @@ def choose_threshold(model: DCAL, split: Split, cache: torch.Tensor, is_valid: b
 def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
     """Test on the twins-only protocol, at the threshold chosen on validation (the validation EER
     threshold; the training twins' when there is no validation split). Writes `test_report.json` and
-    `roc.png` to `out`; returns the report."""
+    `roc.png` to `out` (the main process); returns the report. Every process calls it."""
     has_valid = data.valid is not None
     chosen, source, rep = choose_threshold(model, data.valid if has_valid else data.train,
                                            data.caches["valid" if has_valid else "train"], has_valid)
@@ -65,6 +69,8 @@ def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
     test["threshold_source"] = source
     test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
     report = {"test": test, "valid": rep if has_valid else None}
+    if not is_main():
+        return report
     out.mkdir(parents=True, exist_ok=True)
     (out / "test_report.json").write_text(json.dumps(report, indent=2))
     far, tar, _ = roc_curve(genuine, scores)

@@ -63,7 +63,9 @@ def verification_report(scores: np.ndarray, genuine: np.ndarray, threshold: floa
 class TwinsMetric(Metric):
     """One figure of the twins-only protocol on the validation set, for fastai's table and W&B.
     The validation loader yields every validation image once as an anchor, in image order, so the
-    anchors' embeddings are the embeddings of all validation images."""
+    anchors' embeddings are the embeddings of all validation images. With several processes each
+    batch is gathered across them, which restores image order, and the padding of the last batch
+    comes after the last image (`data.shard`): cut off here."""
 
     def __init__(self, key: str, person: np.ndarray, twin_pairs: list[tuple[int, int]]):
         self.key, self.person, self.twin_pairs = key, person, twin_pairs
@@ -76,11 +78,12 @@ class TwinsMetric(Metric):
         self.embs = []
 
     def accumulate(self, learn):
-        self.embs.append(learn.pred["emb_a"].detach().float().cpu())
+        self.embs.append(learn.to_detach(learn.pred["emb_a"]).float())  # gathered across processes
 
     @property
     def value(self):
         emb = torch.cat(self.embs)
-        if len(emb) != len(self.person):
+        n = len(self.person)
+        if len(emb) < n:
             return None
-        return verification_report(*protocol_scores(emb, self.person, self.twin_pairs)[:2])[self.key]
+        return verification_report(*protocol_scores(emb[:n], self.person, self.twin_pairs)[:2])[self.key]

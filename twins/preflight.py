@@ -12,9 +12,11 @@ import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 
 from .app import build, make_learner, prepare
+from .batch import describe
 from .callbacks import span
 from .checkpoint import epoch_path, load_checkpoint, restore, save_checkpoint
 from .config import KAGGLE_TIME_LIMIT_H
+from .distributed import world
 from .model import DCAL
 
 TIMED_STEPS = 20  # training steps timed, after WARM_UP untimed ones
@@ -83,10 +85,11 @@ def preflight(cfg: dict, time_limit_h: float | None) -> bool:
         learn.fit(1, cfg["lr"], cbs=timer)
         state["timer"] = timer
         micro = learn.dls.train.bs
-        state["pairs_per_s"] = micro / timer.step_s if timer.step_s else None
+        state["pairs_per_s"] = micro * world() / timer.step_s if timer.step_s else None  # all processes
         state["peak"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         speed = f"{state['pairs_per_s']:.1f} pairs/s" if state["pairs_per_s"] else "too few batches to time"
-        return (f"{timer.steps} steps of {micro} pairs ({max(timer.steps - WARM_UP, 0)} timed): {speed}"
+        each = f" in each of {world()} processes" if world() > 1 else ""
+        return (f"{timer.steps} steps of {micro} pairs{each} ({max(timer.steps - WARM_UP, 0)} timed): {speed}"
                 + (f", peak GPU memory {state['peak']:.2f} GiB" if state["peak"] is not None else "")
                 + f"; validation pass {span(timer.valid_s)}")
 
@@ -117,13 +120,12 @@ def preflight(cfg: dict, time_limit_h: float | None) -> bool:
 
 def summary(cfg: dict, state: dict, time_limit_h: float | None) -> None:
     learn, timer = state["learn"], state["timer"]
-    print(f"Check passed. {_gpu()}, {cfg['bs']} pairs per step"
-          + (f" ({cfg['accum']} micro-batches of {cfg['bs'] // cfg['accum']})" if cfg["accum"] > 1 else "")
-          + f", lr {cfg['lr']:.3g}")
+    gpus = f"{world()} x " if world() > 1 else ""
+    print(f"Check passed. {gpus}{_gpu()}, {describe(cfg)}")
     if not state["pairs_per_s"]:
         return
     n_ckpt = cfg["epochs"] // cfg["save_every"] + 1
-    epoch_s = len(learn.dls.train) * learn.dls.train.bs / state["pairs_per_s"] + timer.valid_s
+    epoch_s = len(learn.dls.train) * learn.dls.train.bs * world() / state["pairs_per_s"] + timer.valid_s
     total_h = (cfg["epochs"] * epoch_s + n_ckpt * state["save_s"]) / 3600
     print(f"Projected: {span(epoch_s)} per epoch (training + validation), {span(3600 * total_h)} for "
           f"{cfg['epochs']} epochs")
