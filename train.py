@@ -21,7 +21,7 @@ from twins.app import find_lr, train  # noqa: E402
 from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config, resume_config  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
-from twins.distributed import is_main, start, world  # noqa: E402
+from twins.distributed import is_main, on_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
 from twins.preflight import preflight  # noqa: E402
 
@@ -144,7 +144,7 @@ def main(argv=None) -> None:
                     print(f"{source.parent}/ is read-only: this run writes to {flags['out']}/")
             cfg = resume_config(ckpt["config"], flags, str(source))
         if cfg["demo"] and args.data is None and args.data_root is None and not ckpt:
-            cfg["data"] = str(make_demo(DEMO_DIR))
+            cfg["data"] = str(on_main(lambda: make_demo(DEMO_DIR)))  # one writer; the others wait for it
             cfg["data_root"] = f"{DEMO_DIR}/images"
         print("Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
               + (f"; time limit {limit} h from the start" if limit is not None else ""))
