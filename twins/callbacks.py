@@ -42,7 +42,8 @@ class TimmWeightDecay(Callback):
 
 
 class BranchLogger(Callback):
-    """Each branch loss and uncertainty weight: to W&B every batch; their epoch means in `means()`."""
+    """Each branch loss and uncertainty weight: to W&B every batch; their epoch means in `means()`.
+    With several processes, the mean over all processes' batches (like fastai's train_loss)."""
     order, run_valid = WandbCallback.order - 1, False  # its uncommitted values ride on W&B's commit of the batch
 
     def before_epoch(self):
@@ -50,7 +51,8 @@ class BranchLogger(Callback):
 
     def after_batch(self):
         last = self.learn.loss_func.last
-        last = dict(zip(last, torch.stack(list(last.values())).tolist()))  # one device sync, not six
+        values = self.learn.to_detach(torch.stack(list(last.values())))  # gathered: one sync, not six
+        last = dict(zip(last, values.view(world(), -1).mean(0).tolist()))
         for k, v in last.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
