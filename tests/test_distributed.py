@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import TINY, ROOT, lrs, run, tiny_config
+from helpers import TINY, lrs, run, tiny_config
 from twins.app import build, prepare
 from twins.checkpoint import load_checkpoint, model_from_checkpoint
 from twins.data import prepare_data, sample_pairs, shard
@@ -107,18 +107,6 @@ def test_one_process_on_several_gpus_says_how_to_use_them_all(monkeypatch, capsy
     assert "--lr-find runs in one process" in capsys.readouterr().err
 
 
-def launch(args, cwd, processes=2):
-    """README's multi-GPU command, on two CPU processes (gloo)."""
-    import subprocess
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    p = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args],
-                       cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tiny_demo, tmp_path_factory):
     json_dir, images = tiny_demo
@@ -126,7 +114,7 @@ def two_process_run(tiny_demo, tmp_path_factory):
     data = ["--data", str(json_dir), "--data-root", str(images)]
     i = TINY.index("--bs")
     flags = TINY[:i] + ["--bs", "4"] + TINY[i + 2:] + ["--seed", str(SEED)]  # per process: 8 pairs per step
-    return work, data, flags, launch(["--fresh", "--epochs", "3", "--save-every", "1", *flags, *data], work)
+    return work, data, flags, run(["--fresh", "--epochs", "3", "--save-every", "1", *flags, *data], work, processes=2)
 
 
 def test_a_two_process_run_writes_once_and_its_metrics_are_one_process_s(two_process_run, tmp_path):
@@ -157,9 +145,10 @@ def test_a_two_process_run_writes_once_and_its_metrics_are_one_process_s(two_pro
 def test_a_stopped_and_resumed_two_process_run_is_the_uninterrupted_one(two_process_run, tmp_path):
     """Bit for bit on the CPU: each process's random draws come from (seed, epoch, process)."""
     work, data, flags, _ = two_process_run
-    stop = launch(["--fresh", "--epochs", "3", "--save-every", "1", *flags, *data, "--time-limit", "0"], tmp_path)
+    stop = run(["--fresh", "--epochs", "3", "--save-every", "1", *flags, *data, "--time-limit", "0"], tmp_path,
+               processes=2)
     assert "continue with:\n  accelerate launch --multi_gpu --num_processes 2 train.py --resume models/ep1.pth" in stop.stdout
-    launch(["--resume", "models"], tmp_path)
+    run(["--resume", "models"], tmp_path, processes=2)
     full, resumed = (load_checkpoint(d / "models" / "ep3.pth") for d in (work, tmp_path))
     for k in full["model"]:
         assert torch.equal(full["model"][k], resumed["model"][k]), k
@@ -181,7 +170,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_steps(two
 
 def test_a_one_process_checkpoint_resumes_in_two_processes(fresh_run, tmp_path):
     work, data, p = fresh_run
-    r = launch(["--resume", str(work / "models" / "ep5.pth"), "--out", str(tmp_path / "two"), *data], tmp_path)
+    r = run(["--resume", str(work / "models" / "ep5.pth"), "--out", str(tmp_path / "two"), *data], tmp_path,
+            processes=2)
     assert "trained by 1 process(es); 2 continue it with the same steps" in r.stdout
     assert "Batch: 8 pairs per optimiser step (2 processes x 4), peak lr 0.001" in r.stdout
     assert [lrs(r.stdout)[e] for e in (6, 7)] == pytest.approx([lrs(p.stdout)[e] for e in (6, 7)], rel=1e-6)

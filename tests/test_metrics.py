@@ -86,3 +86,8 @@ def test_validation_metric_is_computed_on_every_validation_image_in_order(tiny_d
     eer, auc = learn.validate()[1:]
     rep = split_report(learn.model, data.valid, data.caches["valid"])[0]
     assert eer == pytest.approx(rep["eer"], abs=1e-6) and auc == pytest.approx(rep["auc"], abs=1e-6)
+    metric = learn.metrics[0]  # one process: one embedding more or less than the images is no figure
+    embs = metric.embs
+    for wrong in (embs + [embs[0][:1]], [torch.cat(embs)[:-1]]):
+        metric.embs = wrong
+        assert metric.value is None
