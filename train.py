@@ -12,6 +12,10 @@ PROCESS_START = time.time()  # --time-limit counts from here, before the slow im
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+
+# Before CUDA starts: a fragmented cache is what makes a batch chosen by --bs auto fail later (validation).
+if "PYTORCH_ALLOC_CONF" not in os.environ:
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import sys  # noqa: E402
 import warnings  # noqa: E402
 

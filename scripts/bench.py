@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from twins.config import DEMO
 from twins.data import Split, pair_dataloaders
 from twins.loss import DCALLoss
-from twins.model import DCAL
+from twins.model import DCAL, mixed_precision
 
 
 def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = False) -> DCAL:
@@ -72,10 +72,10 @@ def peak_memory_child(args):
     model = build(args.arch, args.size, args.patch_size, dcal=True, fused=not args.explicit,
                   grad_ckpt=args.grad_ckpt).to(dev)
     b = batch(args.bs, args.size, dev)
-    with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
+    with mixed_precision(dev):
         train_step(model, b, DCALLoss())
     if dev.type == "cuda":
-        print(torch.cuda.max_memory_allocated() / 2**30)
+        print(torch.cuda.max_memory_reserved() / 2**30)  # what runs out
     else:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
@@ -101,7 +101,7 @@ def peak_memory(args) -> None:
                "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
         mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
                                           cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
-    unit = "GiB allocated on the GPU" if dev_type == "cuda" else "GiB process peak RSS"
+    unit = "GiB reserved on the GPU" if dev_type == "cuda" else "GiB process peak RSS"
     print(f"  peak memory of one DCAL train step ({args.bs} pairs at {args.size}): "
           + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" {unit}")
 
@@ -145,8 +145,7 @@ def main():
     plain = build(args.arch, args.size, args.patch_size, False).to(dev)
     dcal = build(args.arch, args.size, args.patch_size, True).to(dev)
     b = batch(args.bs, args.size, dev)
-    amp = torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda")
-    with amp:
+    with mixed_precision(dev):
         t = {f"{k} {n}": timed(lambda m=m, f=f: f(m), args.reps, dev)
              for n, m in (("plain", plain), ("DCAL", dcal))
              for k, f in (("train", lambda m: train_step(m, b, loss_fn)), ("eval", lambda m: eval_forward(m, b)))}
@@ -156,7 +155,7 @@ def main():
     print(f"  ratio train DCAL/plain {t['train DCAL'] / t['train plain']:.2f} (target <= 2.3), "
           f"eval DCAL/plain {t['eval DCAL'] / t['eval plain']:.2f} (target <= 1.10)")
     recompute = build(args.arch, args.size, args.patch_size, True, grad_ckpt=True).to(dev)
-    with amp:
+    with mixed_precision(dev):
         t_ckpt = timed(lambda: train_step(recompute, b, loss_fn), args.reps, dev)
     print(f"  train DCAL with --grad-ckpt {1000 * t_ckpt:.1f} ms: {t_ckpt / t['train DCAL']:.2f}x the time without")
     if dev.type == "cuda":

@@ -37,6 +37,12 @@ CASES = [
  ("test embeddings gathered out of order", "twins/evaluate.py", "    return torch.cat(gather(part))", "    return torch.cat(gather(part)[::-1])", "tests/test_distributed.py", "writes_once"),
  ("random draws not reseeded each epoch", "twins/data.py", "        set_seed(int(np.random.SeedSequence(", "        (lambda s: None)(int(np.random.SeedSequence(", "tests/test_runs.py", "uninterrupted"),
  ("resume keeps the old process split", "twins/app.py", "        cfg.update(reshare(cfg, world()))", "        pass", "tests/test_distributed.py", "resumes_in_one_process"),
+ ("arch check wants the exact sm_XY", "twins/model.py", 'arch_version(a) // 10 == capability[0] if a.startswith("sm_")', 'arch_version(a) == cc if a.startswith("sm_")', "tests/test_gpu_paths.py", "major_version"),
+ ("pair-map scores taken under autocast", "twins/explain.py", '    out = model.encode_tokens(tokens)\n    with torch.autocast(tokens.device.type, enabled=False):\n        return model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) @ other.float()', "    return (model.embedding(model.encode_tokens(tokens)).float() @ other).float()", "tests/test_explain.py", "True"),
+ ("encoding ignores the caller's autocast", "twins/evaluate.py", "with mixed_precision(dev):", 'with torch.autocast(dev.type, enabled=dev.type == "cuda"):', "tests/test_gpu_paths.py", "embeddings"),
+ ("inference model left on the CPU", "twins/checkpoint.py", "return model.to(dev or device()).eval()", "return model.eval()", "tests/test_gpu_paths.py", "device_asked"),
+ ("batch probe: one step, no optimizer state", "twins/batch.py", "            if allocated:\n                return", "            return", "tests/test_gpu_paths.py", "probe"),
+ ("grad-ckpt recomputes the discarded maps", "twins/model.py", 'if self.use_glca and not getattr(self, "recomputing", False):', "if self.use_glca:", "tests/test_gpu_paths.py", "recompute"),
 ]
 
 

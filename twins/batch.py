@@ -11,10 +11,11 @@ from accelerate.utils import find_executable_batch_size
 
 from .errors import CheckpointError
 from .loss import DCALLoss
-from .model import DCAL
+from .model import DCAL, mixed_precision
 
 MARGIN = 0.1  # fewer pairs than the largest that fit: validation, heatmaps and fragmentation need room too
 MAX_FACTOR = 2  # the search starts at this multiple of the recipe's batch
+MAX_PROBE_STEPS = 20  # each overflow halves the loss scale: 65536 reaches 1 in 16 steps
 
 
 def largest_fitting(step: Callable[[int], None], start: int) -> int:
@@ -71,22 +72,30 @@ def describe(cfg: dict) -> str:
 
 
 def training_step(model: DCAL, n_classes: int, size: int, dev: torch.device) -> Callable[[int], None]:
-    """A real training step of a copy of `model` on random images of the run's size: forward with PWCA
-    and GLCA, the DCAL loss, backward, an AdamW step, fp16 autocast and loss scaling on CUDA."""
+    """Real training steps of a copy of `model` on random images of the run's size: forward with PWCA
+    and GLCA, the DCAL loss, backward, an AdamW step, fp16 autocast and loss scaling on CUDA. Steps
+    repeat until one has run with AdamW's state in memory: a fresh GradScaler's first steps may
+    overflow and be skipped, and the state is allocated only at the first step taken."""
     net = copy.deepcopy(model).to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler(dev.type, enabled=dev.type == "cuda")
     loss_fn = DCALLoss()
 
     def step(bs: int) -> None:
-        opt.zero_grad(set_to_none=True)
-        xa, xb = (torch.randn(bs, 3, size, size, device=dev) for _ in range(2))
-        ids = torch.randint(0, n_classes, (2, bs), device=dev)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-            loss = loss_fn(net(xa, xb), (ids[0] == ids[1]).float(), ids[0], ids[1])
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        for _ in range(MAX_PROBE_STEPS):
+            allocated = bool(opt.state)
+            opt.zero_grad(set_to_none=True)
+            xa, xb = (torch.randn(bs, 3, size, size, device=dev) for _ in range(2))
+            ids = torch.randint(0, n_classes, (2, bs), device=dev)
+            with mixed_precision(dev):
+                loss = loss_fn(net(xa, xb), (ids[0] == ids[1]).float(), ids[0], ids[1])
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if allocated:
+                return
+        raise RuntimeError(f"the batch probe's loss scale overflowed in {MAX_PROBE_STEPS} steps: the model "
+                           "gives non-finite gradients at this size")
     return step

@@ -167,7 +167,7 @@ class AttentionMaps(EveryNEpochs):
 class EpochReport(EveryNEpochs):
     """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the
     epoch's time (validation, heatmaps and checkpoint included), training pairs/s (of all processes),
-    peak GPU memory (of this process), and when the run will end. Before an epoch that would end past
+    peak GPU memory allocated and reserved (of this process), and when the run will end. Before an epoch that would end past
     `deadline` (a time.time() value), the run stops cleanly (CancelFitException: `Checkpoint` saves
     the last epoch) and `stopped` says so; with several processes the main one decides for all."""
     order = ProgressCallback.order + 1  # after everything else an epoch does
@@ -199,6 +199,7 @@ class EpochReport(EveryNEpochs):
         stats = {"epoch_s": took, "pairs_per_s": self.pairs_per_s, "hours_to_end": left / 3600}
         if torch.cuda.is_available():
             stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # what runs out
         names = self.recorder.metric_names[1:-1]  # without "epoch" and "time"
         values = {n: v for n, v in zip(names, self.recorder.log[1:]) if v is not None}
         line = (f"epoch {done}/{self.n_epoch} lr {self.opt.hypers[-1]['lr']:.6e} "
@@ -206,7 +207,7 @@ class EpochReport(EveryNEpochs):
                 + " | " + " ".join(f"{k} {v:.4f}" for k, v in self.learn.branch_logger.means().items())
                 + f" | {span(took)}, {self.pairs_per_s:.1f} pairs/s")
         if "peak_gpu_gib" in stats:
-            line += f", peak GPU {stats['peak_gpu_gib']:.2f} GiB"
+            line += f", peak GPU {stats['peak_gpu_gib']:.2f} GiB ({stats['peak_reserved_gib']:.2f} reserved)"
         line += f" | ends in {span(left)}"
         if self.deadline is not None:
             line += f" (time limit in {span(self.deadline - time.time())})"

@@ -126,12 +126,13 @@ def load_weights(model: DCAL, ckpt: dict, source: str | Path) -> None:
         raise CheckpointError(f"checkpoint {source} does not fit the model its config describes: {e}") from None
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[DCAL, dict, dict]:
-    """(model in eval mode with the checkpoint's weights, the run's config, the whole checkpoint)."""
+def model_from_checkpoint(path: str | Path, dev: torch.device | None = None) -> tuple[DCAL, dict, dict]:
+    """(model in eval mode with the checkpoint's weights, on `dev` (default: the GPU when there is one),
+    the run's config, the whole checkpoint)."""
     ckpt = load_checkpoint(path)
     model = DCAL.from_config(ckpt["config"], len(ckpt["classes"]), pretrained=False)
     load_weights(model, ckpt, checkpoint_path(path))
-    return model.eval(), ckpt["config"], ckpt
+    return model.to(dev or device()).eval(), ckpt["config"], ckpt
 
 
 def restore(learn: Learner, ckpt: dict, source: str | Path) -> None:

@@ -74,8 +74,9 @@ def launch_command(args: str) -> str:
 
 
 class Distributed(DistributedTrainer):
-    """fastai's DistributedTrainer (accelerate wraps the model in DDP and runs the backward pass),
-    with the loaders left as they are: `PairDL` shards itself. fastai's `DistributedDL` (fastai 2.8)
+    """fastai's DistributedTrainer (accelerate wraps the model in DDP; the backward pass is fastai's
+    own `Learner._backward`, the callback's `_backward` is no event), with the loaders left as they
+    are: `PairDL` shards itself. fastai's `DistributedDL` (fastai 2.8)
     cannot be used: its `_broadcast` sends the batch order as a `.cuda()` tensor (so no gloo process
     group on the CPU, where the tests run), and it gives each process a contiguous block of the data,
     so batches gathered for the validation metrics interleave the processes instead of following

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_curve
 from .data import Split, TwinData
 from .distributed import gather, is_main, rank, world
 from .metrics import protocol_scores, verification_report
-from .model import DCAL
+from .model import DCAL, mixed_precision
 from .viz import plot_roc
 
 
@@ -29,7 +29,7 @@ def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
     model.eval()
     parts = []
     for i in range(0, len(cache), bs):
-        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+        with mixed_precision(dev):  # as training's evaluation; every output cast to fp32 for the scores
             out = model.encode(normalise(model, cache[i:i + bs]))
         parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

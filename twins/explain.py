@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from .evaluate import normalise
-from .model import DCAL
+from .evaluate import encode_all, normalise
+from .model import DCAL, mixed_precision
 
 GRID = 14  # about this many windows per side: 1 patch per window at 64 px / 8, 2 x 2 patches at 448 / 16
 
@@ -33,10 +33,20 @@ def windows(model: DCAL) -> list[torch.Tensor]:
             for i in range(0, gh, w) for j in range(0, gw, w)]
 
 
+def score(model: DCAL, tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The pair score of each token sequence against the embedding `other`: the encoding in the
+    caller's precision, the embedding and the cosine in fp32 (in fp16 a window's effect is about one
+    rounding step of a cosine near 1)."""
+    out = model.encode_tokens(tokens)
+    with torch.autocast(tokens.device.type, enabled=False):
+        return model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) @ other.float()
+
+
 @torch.no_grad()
 def occlusion_map(model: DCAL, image: torch.Tensor, other: torch.Tensor, bs: int = 64) -> torch.Tensor:
     """(windows high, windows wide): how much the score of `image` (a normalised (3, H, W) tensor on the
-    model's device) against the embedding `other` rises when each window is left out; batched."""
+    model's device) against the embedding `other` rises when each window is left out; batched. The
+    encodings run in the caller's precision (`pair_maps`: training's), the scores in fp32."""
     model.eval()
     dev = image.device
     gh, gw = model.vit.patch_embed.grid_size
@@ -46,24 +56,23 @@ def occlusion_map(model: DCAL, image: torch.Tensor, other: torch.Tensor, bs: int
     for i, win in enumerate(wins):
         by_size.setdefault(len(win), []).append(i)
     delta = torch.empty(len(wins))
-    with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-        tokens = model.tokens(image[None])  # (1, 1 + N, C) with position embeddings
-        base = model.embedding(model.encode_tokens(tokens))[0].float() @ other
-        for group in by_size.values():
-            for part in (group[k:k + bs] for k in range(0, len(group), bs)):
-                keep = torch.ones(len(part), 1 + gh * gw, dtype=torch.bool)
-                for row, i in enumerate(part):
-                    keep[row, 1 + wins[i]] = False
-                pos = keep.nonzero()[:, 1].view(len(part), -1).to(dev)
-                seq = tokens.expand(len(part), -1, -1).gather(1, pos[..., None].expand(-1, -1, tokens.shape[-1]))
-                delta[part] = (model.embedding(model.encode_tokens(seq)).float() @ other - base).cpu()
+    tokens = model.tokens(image[None])  # (1, 1 + N, C) with position embeddings
+    base = score(model, tokens, other)
+    for group in by_size.values():
+        for part in (group[k:k + bs] for k in range(0, len(group), bs)):
+            keep = torch.ones(len(part), 1 + gh * gw, dtype=torch.bool)
+            for row, i in enumerate(part):
+                keep[row, 1 + wins[i]] = False
+            pos = keep.nonzero()[:, 1].view(len(part), -1).to(dev)
+            seq = tokens.expand(len(part), -1, -1).gather(1, pos[..., None].expand(-1, -1, tokens.shape[-1]))
+            delta[part] = (score(model, seq, other) - base).cpu()
     return delta.view(math.ceil(gh / w), math.ceil(gw / w))
 
 
 def pair_maps(model: DCAL, images: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """(score, map of A, map of B) for a pair of uint8 images (2, 3, H, W)."""
+    """(score, map of A, map of B) for a pair of uint8 images (2, 3, H, W), in the precision of `verify`."""
     x = normalise(model, images)
-    model.eval()
-    with torch.no_grad():
-        emb = model.embed(x).float()
-    return float(emb[0] @ emb[1]), occlusion_map(model, x[0], emb[1]), occlusion_map(model, x[1], emb[0])
+    emb = model.embedding(encode_all(model, images)).to(x.device)
+    with mixed_precision(x.device):
+        maps = occlusion_map(model, x[0], emb[1]), occlusion_map(model, x[1], emb[0])
+    return float(emb[0] @ emb[1]), *maps

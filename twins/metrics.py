@@ -13,20 +13,21 @@ FARS = (0.01, 0.001)
 
 
 def protocol_scores(emb: torch.Tensor, person: np.ndarray, twin_pairs: list[tuple[int, int]]):
-    """Cosine scores of every genuine pair and every twin-impostor pair. Returns (scores, is_genuine,
-    (i, j) image indices of each pair)."""
+    """Cosine scores of every genuine pair and every twin-impostor pair, in fp32 (under autocast too).
+    Returns (scores, is_genuine, (i, j) image indices of each pair)."""
     emb = emb.float()
     scores, labels, index = [], [], []
     groups = {p: np.flatnonzero(person == p) for p in np.unique(person)}
-    for idx in groups.values():
-        i, j = np.triu_indices(len(idx), 1)
-        s = emb[idx] @ emb[idx].T
-        scores.append(s[i, j].numpy()), labels.append(np.ones(len(i), bool)), index.append(np.stack([idx[i], idx[j]], 1))
-    for a, b in twin_pairs:
-        ia, ib = groups[a], groups[b]
-        s = (emb[ia] @ emb[ib].T).numpy()
-        scores.append(s.ravel()), labels.append(np.zeros(s.size, bool))
-        index.append(np.stack(np.meshgrid(ia, ib, indexing="ij"), -1).reshape(-1, 2))
+    with torch.autocast(emb.device.type, enabled=False):
+        for idx in groups.values():
+            i, j = np.triu_indices(len(idx), 1)
+            s = emb[idx] @ emb[idx].T
+            scores.append(s[i, j].numpy()), labels.append(np.ones(len(i), bool)), index.append(np.stack([idx[i], idx[j]], 1))
+        for a, b in twin_pairs:
+            ia, ib = groups[a], groups[b]
+            s = (emb[ia] @ emb[ib].T).numpy()
+            scores.append(s.ravel()), labels.append(np.zeros(s.size, bool))
+            index.append(np.stack(np.meshgrid(ia, ib, indexing="ij"), -1).reshape(-1, 2))
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(index)
 
 

@@ -17,6 +17,7 @@ kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax refere
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 
 import timm
 import torch
@@ -75,12 +76,21 @@ def attention_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def rollout_row(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Row 0 of S_hat = S_bar_L ... S_bar_1 with S_bar = 0.5 S + 0.5 I, as a vector (O(L N^2))."""
-    row = torch.zeros_like(maps[-1][:, 0])
+    """Row 0 of S_hat = S_bar_L ... S_bar_1 with S_bar = 0.5 S + 0.5 I, as a vector (O(L N^2)), in fp32
+    whatever the maps' dtype."""
+    row = torch.zeros(maps[-1][:, 0].shape, device=maps[-1].device)
     row[:, 0] = 1.0
-    for S in reversed(maps):
-        row = 0.5 * torch.bmm(row.unsqueeze(1), S.to(row.dtype)).squeeze(1) + 0.5 * row
+    with torch.autocast(row.device.type, enabled=False):  # bmm would be cast down again
+        for S in reversed(maps):
+            row = 0.5 * torch.bmm(row.unsqueeze(1), S.float()).squeeze(1) + 0.5 * row
     return row
+
+
+def mixed_precision(dev: torch.device):
+    """fp16 autocast on CUDA, as training's MixedPrecision; elsewhere the caller's precision, so that a
+    test under CPU bf16 autocast runs the very lines that run in fp16 on a GPU. Scores (differences of
+    cosines near 1) are taken outside, in fp32: matmul is on autocast's low-precision list."""
+    return torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else nullcontext()
 
 
 class CosineClassifier(nn.Module):
@@ -124,6 +134,7 @@ class DCAL(nn.Module):
             raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
                              "blocks (vit_*, deit_*)")
         self.use_glca, self.use_pwca, self.grad_ckpt = glca, pwca, grad_ckpt
+        self.recomputing = False  # True while checkpoint() reruns a block for its backward pass
         self.n_patches = vit.patch_embed.num_patches
         self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
         dim = vit.embed_dim
@@ -179,9 +190,9 @@ class DCAL(nn.Module):
         h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
         q, k, val = qkv_heads(blk.attn, h)
         probs = S = None
-        if self.use_glca:
+        if self.use_glca and not getattr(self, "recomputing", False):  # a recompute's maps would be discarded
             probs = attention_probs(blk.attn, q[:n], k[:n])
-            S = probs.mean(1)
+            S = probs.mean(1).to(q.dtype)  # kept until the rollout: in the autocast dtype, half of fp32
             # with gradient, the fused kernel recomputes attention (no N x N kept for backward);
             # without, the probabilities just computed give the output at no extra cost
             probs = None if torch.is_grad_enabled() else probs
@@ -204,7 +215,8 @@ class DCAL(nn.Module):
         for blk in self.vit.blocks:
             last_in = x
             if recompute:  # keeps only the block's inputs for backward; the RNG state is replayed (drop-path)
-                x, x_pw, S = checkpoint(self.block, blk, x, x_pw, partner, use_reentrant=False)
+                x, x_pw, S = checkpoint(self.block, blk, x, x_pw, partner, use_reentrant=False,
+                                        context_fn=lambda: (nullcontext(), self.recompute()))
             else:
                 x, x_pw, S = self.block(blk, x, x_pw, partner)
             if S is not None:
@@ -218,6 +230,14 @@ class DCAL(nn.Module):
             out["glca"], out["selected"] = self.glca_forward(last_in, row)
         return out
 
+    @contextmanager
+    def recompute(self):
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The verification embedding (SA + GLCA only, whatever the mode)."""
         return self.embedding(self.encode(x))
@@ -228,7 +248,7 @@ class DCAL(nn.Module):
 
     def forward(self, xa: torch.Tensor, xb: torch.Tensor) -> dict:
         n = len(xa)
-        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(xa.device)
+        partner = torch.arange(2 * n, device=xa.device).roll(n)  # a <-> b: each image's partner is the other
         out = self.encode(torch.cat([xa, xb]), partner if (self.training and self.use_pwca) else None)
         emb = self.embedding(out)
         res = {"sa": self.sa_head(out["sa"]), "feat_sa": out["sa"], "emb_a": emb[:n], "emb_b": emb[n:],
@@ -240,17 +260,40 @@ class DCAL(nn.Module):
         return res
 
 
+# One command that puts a CUDA 12.6 build (kernels for sm_50 to sm_90) in place of Kaggle's CUDA 12.8 one.
+# Explicit `+cu126` versions: pip orders X+cu128 above X+cu126 (PEP 440), so a plain or --upgrade
+# install from the cu126 index keeps the installed build. README's P100 cell is this line.
+CU126_INSTALL = ("pip install torch==2.10.0+cu126 torchvision==0.25.0+cu126 "
+                 "--index-url https://download.pytorch.org/whl/cu126")
+CU126_ARCHS = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
+
+
+def arch_version(arch: str) -> int:
+    """`sm_86`, `sm_90a`, `compute_120` -> 86, 90, 120."""
+    return int(arch.split("_", 1)[1].rstrip("af"))
+
+
+def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch build with these `get_arch_list()` entries has kernels for a GPU of this
+    capability: torch's own rule (`torch/cuda/__init__.py`, `_check_cubins`: binary code runs within
+    its major version) and PTX (`compute_XY`), which the driver compiles for any GPU at or above XY."""
+    cc = 10 * capability[0] + capability[1]
+    return not arch_list or any(
+        arch_version(a) // 10 == capability[0] if a.startswith("sm_") else arch_version(a) <= cc for a in arch_list)
+
+
 def check_cuda_arch() -> None:
-    """Stop early, with what to do, when this torch build has no kernels for the GPU (P100 = sm_60)."""
+    """Stop early, with what to do, when this torch build has no kernels for the GPU (P100 = sm_60
+    on Kaggle's CUDA 12.8 build), rather than at the first kernel."""
     if not torch.cuda.is_available():
         return
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}"
-    supported = torch.cuda.get_arch_list()
-    if supported and arch not in supported and not any(
-            a.startswith("compute_") and int(a.split("_")[1]) <= major * 10 + minor for a in supported):
-        name = torch.cuda.get_device_name()
-        raise TwinsError(
-            f"This torch {torch.__version__} build has no kernels for {name} ({arch}); it supports "
-            f"{', '.join(supported)}. On Kaggle either pick the T4 x2 accelerator, or install a CUDA 12.6 "
-            "build first: pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
+    dev = torch.cuda.current_device()
+    capability, supported = torch.cuda.get_device_capability(dev), torch.cuda.get_arch_list()
+    if runs_on(capability, supported):
+        return
+    name, arch = torch.cuda.get_device_name(dev), "sm_{}{}".format(*capability)
+    remedy = (f"install a CUDA 12.6 build first (a few minutes, no restart needed):\n  {CU126_INSTALL}\n"
+              "or, on Kaggle, pick the T4 accelerator" if runs_on(capability, list(CU126_ARCHS)) else
+              "install a torch build whose arch list has it: https://pytorch.org/get-started/locally/")
+    raise TwinsError(f"torch {torch.__version__} has no kernels for {name} ({arch}; it has {' '.join(supported)}): "
+                     + remedy)

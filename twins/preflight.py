@@ -60,7 +60,7 @@ def _gpu() -> str:
     if not torch.cuda.is_available():
         return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     major, minor = torch.cuda.get_device_capability()
-    mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+    mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
     return f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {mem:.1f} GiB)"
 
 
@@ -86,11 +86,12 @@ def preflight(cfg: dict, time_limit_h: float | None) -> bool:
         state["timer"] = timer
         micro = learn.dls.train.bs
         state["pairs_per_s"] = micro * world() / timer.step_s if timer.step_s else None  # all processes
-        state["peak"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        state["peak"] = ((torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+                         if torch.cuda.is_available() else None)
         speed = f"{state['pairs_per_s']:.1f} pairs/s" if state["pairs_per_s"] else "too few batches to time"
         each = f" in each of {world()} processes" if world() > 1 else ""
         return (f"{timer.steps} steps of {micro} pairs{each} ({max(timer.steps - WARM_UP, 0)} timed): {speed}"
-                + (f", peak GPU memory {state['peak']:.2f} GiB" if state["peak"] is not None else "")
+                + (", peak GPU memory {:.2f} GiB ({:.2f} reserved)".format(*state["peak"]) if state["peak"] else "")
                 + f"; validation pass {span(timer.valid_s)}")
 
     def checkpoint_round_trip():

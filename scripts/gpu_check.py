@@ -1,0 +1,161 @@
+"""The GPU path proved on whatever GPU this is, in a few minutes, with no network and random-init
+weights. Prints the figures docs/results.md records; writes its log and a JSON of them to --out.
+
+    python -m scripts.gpu_check --out gpu_check
+
+1. the arch check (`check_cuda_arch`) and the machine;
+2. fp16 training steps of the Kaggle recipe (ViT-S/16 at 448, GLCA + PWCA), with and without
+   --grad-ckpt: pairs/s, and peak memory (allocated and reserved) per pair from two batch sizes;
+3. the occlusion map of one face in fp16 against fp32;
+4. `train.py --fresh --check` on the demo and on the Kaggle model: the --bs auto choice, then training
+   steps and a validation pass at that batch, a checkpoint round trip;
+5. one demo epoch, stopped by the time limit, then resumed to the end (test report);
+6. export.py and interpret.py on that run;
+7. with 2+ GPUs, the same demo epoch in one process per GPU (accelerate launch).
+Without a GPU (to try the script) the same runs on the CPU with 1-pair steps, the maps at the demo
+size, and the Kaggle --check at --bs 1; the arch check and memory figures are skipped.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from twins.batch import training_step
+from twins.config import DEMO, KAGGLE
+from twins.explain import occlusion_map
+from twins.model import DCAL, check_cuda_arch, mixed_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = path.open("w")
+
+    def __call__(self, text: str) -> None:
+        print(text, flush=True)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def recipe_steps(grad_ckpt: bool) -> dict:
+    """Timed fp16 training steps of the Kaggle model; memory per pair = the slope between two batches."""
+    model = DCAL(KAGGLE["arch"], 300, KAGGLE["size"], pretrained=False, drop_path=KAGGLE["drop_path"],
+                 top_r=KAGGLE["top_r"], grad_ckpt=grad_ckpt)
+    step = training_step(model, 300, KAGGLE["size"], DEV)
+    sizes, reps = ((4, 8), 5) if CUDA else ((1,), 1)
+    peaks, speed = {}, None
+    for bs in sizes:
+        step(bs)  # warm-up: kernels chosen, AdamW's state allocated
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.time()
+        for _ in range(reps):
+            step(bs)
+        sync()
+        speed = bs * reps / (time.time() - t)
+        if CUDA:
+            peaks[bs] = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+    out = {"batch": sizes[-1], "pairs_per_s": speed}
+    if CUDA:
+        (a1, r1), (a2, r2) = peaks[sizes[0]], peaks[sizes[1]]
+        d = sizes[1] - sizes[0]
+        out.update(peak_allocated_gib=a2, peak_reserved_gib=r2, allocated_gib_per_pair=(a2 - a1) / d,
+                   reserved_gib_per_pair=(r2 - r1) / d)
+    del model, step
+    if CUDA:
+        torch.cuda.empty_cache()
+    return out
+
+
+def map_precision() -> dict:
+    """The occlusion map of one face against another, fp16 (training's precision) against fp32."""
+    cfg = KAGGLE if CUDA else DEMO
+    torch.manual_seed(0)
+    model = DCAL(cfg["arch"], 300, cfg["size"], pretrained=False, top_r=cfg["top_r"],
+                 patch_size=cfg["patch_size"]).to(DEV).eval()
+    x = torch.randn(2, 3, cfg["size"], cfg["size"], device=DEV)
+    with torch.no_grad():
+        other = model.embed(x[1:])[0]
+    t = time.time()
+    with mixed_precision(DEV):
+        low = occlusion_map(model, x[0], other).flatten()
+    low_s = time.time() - t
+    full = occlusion_map(model, x[0], other).flatten()
+    corr = float(torch.corrcoef(torch.stack([low, full]))[0, 1])
+    return {"size": cfg["size"], "windows": len(full), "seconds_per_face": low_s, "fp32_range": float(full.abs().max()),
+            "max_abs_diff": float((low - full).abs().max()), "correlation": corr,
+            "same_top_window": bool(low.argmax() == full.argmax())}
+
+
+def command(log: Log, work: Path, name: str, args: list, script: str = "train.py", launcher: list | None = None,
+            keep: str = r"^(Batch|Check|Projected|Fits|Does NOT|Test|Stopped|Resuming|Exported|Model|epoch|  python|  accelerate)") -> dict:
+    """A real run of one of the user's commands in `work`: its exit status, time and telling lines."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / script), *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    log(f"\n$ {' '.join(launcher or ['python'])} {script} {' '.join(args)}")
+    t = time.time()
+    p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if re.match(keep, ln)]
+    log("\n".join(lines) + (f"\nFAILED (exit {p.returncode}):\n{p.stdout[-2000:]}{p.stderr[-3000:]}"
+                            if p.returncode else ""))
+    return {"name": name, "rc": p.returncode, "seconds": time.time() - t, "lines": lines}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.log and gpu_check.json")
+    out = Path(p.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "gpu_check.log")
+    figures = {"device": torch.cuda.get_device_name() if CUDA else "CPU (no GPU: a trial run)",
+               "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if CUDA:
+        check_cuda_arch()
+        figures.update(capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
+                       arch_list=torch.cuda.get_arch_list(), arch_check="passed")
+    log(json.dumps(figures))
+    for name, grad_ckpt in (("recipe_steps", False), ("recipe_steps_grad_ckpt", True)):
+        figures[name] = recipe_steps(grad_ckpt)
+        log(f"{name}: {json.dumps(figures[name])}")
+    figures["map_fp16_vs_fp32"] = map_precision()
+    log(f"map_fp16_vs_fp32: {json.dumps(figures['map_fp16_vs_fp32'])}")
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    demo = ["--no-wandb", "--data", "demo/data_json", "--data-root", "demo/images"]
+    runs = [command(log, work, "check_demo", ["--fresh", "--demo", "--check", "--no-wandb"]),
+            command(log, work, "check_kaggle_model", ["--fresh", "--check", "--no-pretrained", *demo]
+                    + ([] if CUDA else ["--bs", "1"])),
+            command(log, work, "epoch_then_stop", ["--fresh", "--demo", "--epochs", "2", "--time-limit", "0", *demo]),
+            command(log, work, "resume", ["--resume", "models", "--no-wandb"]),
+            command(log, work, "export", ["--ckpt", "models/ep2", "--out", "models/twins.pkl"], script="export.py"),
+            command(log, work, "interpret", ["--learner", "models/twins.pkl", "-k", "2"], script="interpret.py",
+                    keep=r"^(Model|models)")]
+    if torch.cuda.device_count() > 1:
+        n = torch.cuda.device_count()
+        runs.append(command(log, work, f"{n}_processes", ["--fresh", "--demo", "--epochs", "1", "--out", "models_ddp",
+                                                         *demo], launcher=["accelerate", "launch", "--multi_gpu",
+                                                                           "--num_processes", str(n)]))
+    figures["commands"] = runs
+    failed = [r["name"] for r in runs if r["rc"]]
+    log(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'All passed'}; work folder {work}")
+    (out / "gpu_check.json").write_text(json.dumps(figures, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
