@@ -50,56 +50,52 @@ def batch_size(text: str):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_mutually_exclusive_group(required=True)
+    run = p.add_argument_group("run")
+    mode = run.add_mutually_exclusive_group(required=True)
     mode.add_argument("--fresh", action="store_true", help="start a new run (from the arch's pretrained weights)")
-    mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint, e.g. models/ep20 (.pth optional), "
-                      "or from the newest ep*.pth of a folder; the run's settings come from the checkpoint (a "
-                      "read-only one too: new files go to --out)")
-    p.add_argument("--check", action="store_true", help="with --fresh: data, model, batch search, timed steps, "
-                   "validation and a checkpoint round trip in a few minutes, then the projected time; no training")
-    p.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder on this "
-                   "model and data (plot in --out), no training")
-    p.add_argument("--epochs", type=int, help=f"total epochs of the one-cycle schedule ({default('epochs')})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate of the one-cycle schedule ({default('lr')})")
-    p.add_argument("--bs", type=batch_size, help="pairs per step in each process (one per GPU), or 'auto': on a GPU "
-                   "the largest batch that fits (learning rate scaled with the pairs per step of all processes; "
-                   f"gradient accumulation when memory is short), on the CPU the recipe's ({default('bs')}; auto "
-                   "unless given)")
-    p.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute each block's activations in "
-                   "the backward pass: less memory per pair (larger batches fit), about 20%% more time per step")
-    p.add_argument("--time-limit", type=float, metavar="HOURS", help="stop cleanly, with a checkpoint and the "
-                   "command that resumes, before an epoch that would end past HOURS after the start (default on "
-                   f"Kaggle: {KAGGLE_TIME_LIMIT_H}; elsewhere none)")
-    p.add_argument("--size", type=int, help=f"square input size in pixels ({default('size')})")
-    p.add_argument("--arch", help=f"timm ViT with a class token ({default('arch')})")
-    p.add_argument("--patch-size", type=int, help=f"override the backbone's patch size ({default('patch_size')})")
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
-                   help="random init instead of the arch's pretrained weights (the demo always is)")
-    p.add_argument("--weights", metavar="FILE", help="the arch's pretrained weights from this file (a timm state "
-                   "dict, e.g. a Kaggle dataset when the notebook has no Internet) instead of the download")
-    p.add_argument("--wd", type=float, help=f"AdamW weight decay ({default('wd')})")
-    p.add_argument("--drop-path", type=float, help=f"stochastic depth rate ({default('drop_path')})")
-    p.add_argument("--top-r", type=float, help=f"GLCA: share of patch tokens selected by rollout ({default('top_r')})")
-    p.add_argument("--no-glca", dest="glca", action="store_const", const=False, help="ablation: no GLCA branch")
-    p.add_argument("--no-pwca", dest="pwca", action="store_const", const=False,
-                   help="ablation: no PWCA branch (both flags: the plain ViT siamese baseline)")
-    p.add_argument("--data", help=f"folder with the four JSON files ({default('data')})")
-    p.add_argument("--data-root", help="folder holding the images, when the JSON paths (written on another "
-                   "machine) do not exist here; e.g. /kaggle/input/nd-twin")
-    p.add_argument("--demo", action="store_true", default=None,
-                   help=f"generate (once) and use the demo set in {DEMO_DIR}/, with the CPU demo recipe")
-    p.add_argument("--valid-pct", type=float, help="share of training twin families held out for validation, "
-                   f"threshold and model choice ({default('valid_pct')}; 0 = train on all)")
-    p.add_argument("--seed", type=int, help=f"seed for the split, the pairs and the model ({default('seed')})")
-    p.add_argument("--out", help="folder for checkpoints ep{N}.pth, attention maps and the test report; one run per "
-                   f"folder ({default('out')}; on --resume: the checkpoint's folder, or models if that is read-only)")
-    p.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
-    p.add_argument("--save-every", type=int, help=f"write a checkpoint every N epochs ({default('save_every')}; "
-                   "and the last, and wherever a stop happens)")
-    p.add_argument("--map-every", type=int, help=f"save attention maps every N epochs ({default('map_every')})")
-    p.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
-    p.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
-    p.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging at all")
+    mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (models/ep20) or a folder's newest; "
+                      "its settings come with it")
+    run.add_argument("--check", action="store_true", help="with --fresh: every step briefly, then the projected time")
+    run.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder, no training")
+    run.add_argument("--out", help=f"run folder, one run each ({default('out')}; resume: the checkpoint's)")
+    run.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
+    run.add_argument("--save-every", type=int, help=f"checkpoint every N epochs, and the last ({default('save_every')})")
+    run.add_argument("--demo", action="store_true", default=None,
+                     help=f"generate (once) and use the demo set in {DEMO_DIR}/, with the CPU demo recipe")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help=f"folder with the four JSON files ({default('data')})")
+    data.add_argument("--data-root", help="folder the JSON's image paths are looked up under, e.g. /kaggle/input/nd-twin")
+    data.add_argument("--valid-pct", type=float, help=f"share of training families held out ({default('valid_pct')})")
+    data.add_argument("--seed", type=int, help=f"seed of the split, pairs and model ({default('seed')})")
+    model = p.add_argument_group("model")
+    model.add_argument("--arch", help=f"timm ViT with a class token ({default('arch')})")
+    model.add_argument("--size", type=int, help=f"square input size in pixels ({default('size')})")
+    model.add_argument("--patch-size", type=int, help=f"the backbone's patch size ({default('patch_size')})")
+    model.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
+                       help="random init instead of pretrained weights")
+    model.add_argument("--weights", metavar="FILE", help="pretrained weights from a file (a timm state dict) instead "
+                       "of the download")
+    model.add_argument("--top-r", type=float, help=f"GLCA: share of patches selected by rollout ({default('top_r')})")
+    model.add_argument("--no-glca", dest="glca", action="store_const", const=False, help="ablation: no GLCA branch")
+    model.add_argument("--no-pwca", dest="pwca", action="store_const", const=False,
+                       help="ablation: no PWCA branch (with --no-glca: the plain ViT)")
+    schedule = p.add_argument_group("schedule")
+    schedule.add_argument("--epochs", type=int, help=f"epochs of the one-cycle schedule ({default('epochs')})")
+    schedule.add_argument("--lr", type=float, help=f"peak learning rate at 16 pairs per step ({default('lr')})")
+    schedule.add_argument("--wd", type=float, help=f"AdamW weight decay ({default('wd')})")
+    schedule.add_argument("--drop-path", type=float, help=f"stochastic depth rate ({default('drop_path')})")
+    logging = p.add_argument_group("logging")
+    logging.add_argument("--map-every", type=int, help=f"attention maps every N epochs ({default('map_every')})")
+    logging.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
+    logging.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
+    logging.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging")
+    gpu = p.add_argument_group("Kaggle / GPU")
+    gpu.add_argument("--bs", type=batch_size, help=f"pairs per step per GPU, or auto: the largest that fits "
+                     f"({default('bs')} on the CPU)")
+    gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
+                     "pass: less memory per pair, about 20%% more time")
+    gpu.add_argument("--time-limit", type=float, metavar="HOURS", help="stop with a checkpoint before an epoch would "
+                     f"end past HOURS (Kaggle: {KAGGLE_TIME_LIMIT_H})")
     args = p.parse_args(argv)
     if (args.check or args.lr_find or args.overwrite) and not args.fresh:
         p.error("--check, --lr-find and --overwrite go with --fresh")

@@ -140,4 +140,4 @@ def summary(cfg: dict, state: dict, time_limit_h: float | None) -> None:
           f"(336 needs about half the compute of 448)"
           + ("; --grad-ckpt (memory limits this GPU to micro-batches: with it, larger ones fit)" if cfg["accum"] > 1 else "")
           + "; or keep the epochs and continue in a second session (the run stops with a checkpoint before "
-          "the limit; README, Kaggle).")
+          "the limit; docs/kaggle.md).")
