@@ -167,9 +167,10 @@ class AttentionMaps(EveryNEpochs):
 class EpochReport(EveryNEpochs):
     """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the
     epoch's time (validation, heatmaps and checkpoint included), training pairs/s (of all processes),
-    peak GPU memory allocated and reserved (of this process), and when the run will end. Before an epoch that would end past
-    `deadline` (a time.time() value), the run stops cleanly (CancelFitException: `Checkpoint` saves
-    the last epoch) and `stopped` says so; with several processes the main one decides for all."""
+    peak GPU memory allocated and reserved (of this process), and when the run will end. Before an
+    epoch that would end past `deadline` (a time.time() value), the run stops cleanly
+    (CancelFitException: `Checkpoint` saves the last epoch) and `stopped` says so; with several
+    processes the main one decides for all."""
     order = ProgressCallback.order + 1  # after everything else an epoch does
 
     def __init__(self, deadline: float | None):
