@@ -31,6 +31,7 @@ from twins.batch import training_step
 from twins.config import DEMO, KAGGLE
 from twins.explain import occlusion_map
 from twins.model import DCAL, check_cuda_arch, mixed_precision
+from twins.preflight import sync
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -45,11 +46,6 @@ class Log:
         print(text, flush=True)
         self.file.write(text + "\n")
         self.file.flush()
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def recipe_steps(grad_ckpt: bool) -> dict:

@@ -23,7 +23,7 @@ TIMED_STEPS = 20  # training steps timed, after WARM_UP untimed ones
 WARM_UP = 2
 
 
-def _sync():
+def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -37,12 +37,12 @@ class StepTimer(Callback):
 
     def before_batch(self):
         if self.training and self.iter == WARM_UP:
-            _sync()
+            sync()
             self.t0 = time.time()
 
     def after_batch(self):
         if self.training and self.iter + 1 >= self.steps:
-            _sync()
+            sync()
             self.step_s = (time.time() - self.t0) / (self.steps - WARM_UP) if self.steps > WARM_UP else None
             raise CancelTrainException()
 
@@ -52,7 +52,7 @@ class StepTimer(Callback):
         self.v0 = time.time()
 
     def after_validate(self):
-        _sync()
+        sync()
         self.valid_s = time.time() - self.v0
 
 
