@@ -24,9 +24,9 @@ from twins.inference import inference_learner, validation_threshold
 
 def export(args: argparse.Namespace) -> None:
     ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
-    model, cfg, ckpt = model_from_checkpoint(ckpt_path)
-    threshold, source = validation_threshold(model, cfg, args.data, args.data_root)
-    learn = inference_learner(model, cfg, ckpt, ckpt_path, threshold, source)
+    model, s, ckpt = model_from_checkpoint(ckpt_path)
+    threshold, source = validation_threshold(model, s, args.data, args.data_root)
+    learn = inference_learner(model, s, ckpt, ckpt_path, threshold, source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: never mixed with another's
@@ -36,7 +36,7 @@ def export(args: argparse.Namespace) -> None:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"Exported {ckpt_path} (run {cfg.get('run_id') or '(unnamed)'}, epoch {ckpt['epoch']}) to {out}; "
+    print(f"Exported {ckpt_path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']}) to {out}; "
           f"threshold {threshold:.4f} from {source}")
 
 

@@ -19,14 +19,15 @@ import numpy as np
 from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
 from twins.data import build_cache
 from twins.errors import TwinsError
-from twins.evaluate import encode_all
 from twins.inference import (describe, figure_rows, load_split, open_learner, single_pair, top_losses,
                              validation_threshold)
+from twins.model import encode_all
+from twins.settings import Settings
 from twins.viz import plot_pairs
 
 
-def one_pair(model, cfg: dict, threshold: float, paths: list[str], out: Path) -> None:
-    split, cache = single_pair(paths, cfg["size"])
+def one_pair(model, s: Settings, threshold: float, paths: list[str], out: Path) -> None:
+    split, cache = single_pair(paths, s.size)
     enc = encode_all(model, cache)
     emb = model.embedding(enc)
     pairs, score = np.array([[0, 1]]), np.array([float(emb[0] @ emb[1])])
@@ -39,9 +40,9 @@ def one_pair(model, cfg: dict, threshold: float, paths: list[str], out: Path) ->
           f"{'same person' if same[0] else 'different people'}; figure {path}")
 
 
-def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out: Path) -> None:
-    split = load_split(cfg, args.split, args.data, args.data_root)
-    cache = build_cache(split.paths, cfg["size"], f"{args.split} images")
+def top_pairs(model, s: Settings, threshold: float, args: argparse.Namespace, out: Path) -> None:
+    split = load_split(s, args.split, args.data, args.data_root)
+    cache = build_cache(split.paths, s.size, f"{args.split} images")
     enc, scores, genuine, pairs, losses, picks = top_losses(model, split, cache, args.k)
     listing = {}
     for name, idx in picks.items():
@@ -49,8 +50,8 @@ def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out:
         path = out / f"top_{name}.png"
         what = "twin impostors scored most alike" if name == "impostor" else "genuine pairs scored least alike"
         plot_pairs(rows, path, title=f"{args.split}: top-loss {what} (outer: rollout + GLCA; inner: what decided)")
-        listing[name] = [{"image_a": str(split.paths[a]), "image_b": str(split.paths[b]), "score": float(s),
-                          "loss": float(l)} for (a, b), s, l in zip(pairs[idx], scores[idx], losses[idx])]
+        listing[name] = [{"image_a": str(split.paths[a]), "image_b": str(split.paths[b]), "score": float(sc),
+                          "loss": float(l)} for (a, b), sc, l in zip(pairs[idx], scores[idx], losses[idx])]
         print(f"{path}: {len(idx)} {what}")
     (out / "top_losses.json").write_text(json.dumps({"threshold": threshold, **listing}, indent=1))
 
@@ -58,17 +59,17 @@ def top_pairs(model, cfg: dict, threshold: float, args: argparse.Namespace, out:
 def interpret(args: argparse.Namespace) -> None:
     if args.ckpt or not Path(args.learner).is_file():
         path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
-        model, cfg, ckpt = model_from_checkpoint(path)
-        print(f"Model: checkpoint {path} (run {cfg.get('run_id') or '(unnamed)'}, epoch {ckpt['epoch']})")
-        threshold, _ = validation_threshold(model, cfg, args.data, args.data_root)
+        model, s, ckpt = model_from_checkpoint(path)
+        print(f"Model: checkpoint {path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']})")
+        threshold, _ = validation_threshold(model, s, args.data, args.data_root)
     else:
         learn = open_learner(args.learner)
         print(f"Model: {describe(learn, Path(args.learner))}")
-        model, cfg, threshold = learn.model.eval(), learn.twins["config"], learn.twins["threshold"]
+        model, s, threshold = learn.model.eval(), learn.twins["settings"], learn.twins["threshold"]
     if args.pair:
-        one_pair(model, cfg, threshold, args.pair, Path(args.out))
+        one_pair(model, s, threshold, args.pair, Path(args.out))
     else:
-        top_pairs(model, cfg, threshold, args, Path(args.out))
+        top_pairs(model, s, threshold, args, Path(args.out))
 
 
 def main(argv=None) -> None:

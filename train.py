@@ -21,23 +21,21 @@ import warnings  # noqa: E402
 
 import torch  # noqa: E402
 
-from twins.app import find_lr, train  # noqa: E402
 from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
-from twins.config import DEFAULTS, DEMO, KAGGLE, KAGGLE_TIME_LIMIT_H, resolve_config, resume_config  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
 from twins.distributed import is_main, on_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
-from twins.preflight import preflight  # noqa: E402
+from twins.run import check, find_lr, train  # noqa: E402
+from twins.settings import DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, Settings, fresh_settings, resumed_settings  # noqa: E402
 
-DEMO_DIR = "demo"
+MODES = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite", "demo")  # how to run, not the run's settings
 
 
 def default(key: str) -> str:
-    """The default of a setting for help texts, from the recipes (the demo's too when it differs)."""
-    if key in DEFAULTS:
-        return f"default: {DEFAULTS[key]}"
-    value = "the arch's own" if KAGGLE[key] is None else KAGGLE[key]
-    return f"default: {value}" + (f"; demo {DEMO[key]}" if DEMO[key] != KAGGLE[key] else "")
+    """The default of a setting for help texts: the Kaggle recipe's (and the demo's where it differs)."""
+    value = getattr(Settings(), key)
+    demo = f"; demo {DEMO[key]}" if DEMO.get(key, value) != value else ""
+    return f"default: {value if value is not None else 'the arch'}{demo}"
 
 
 def batch_size(text: str):
@@ -60,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--out", help=f"run folder, one run each ({default('out')}; resume: the checkpoint's)")
     run.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
     run.add_argument("--save-every", type=int, help=f"checkpoint every N epochs, and the last ({default('save_every')})")
-    run.add_argument("--demo", action="store_true", default=None,
-                     help=f"generate (once) and use the demo set in {DEMO_DIR}/, with the CPU demo recipe")
+    run.add_argument("--demo", action="store_true", help=f"generate (once) and use the demo set in {DEMO_DIR}/, "
+                     "with the CPU demo recipe")
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"folder with the four JSON files ({default('data')})")
     data.add_argument("--data-root", help="folder the JSON's image paths are looked up under, e.g. /kaggle/input/nd-twin")
@@ -81,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="ablation: no PWCA branch (with --no-glca: the plain ViT)")
     schedule = p.add_argument_group("schedule")
     schedule.add_argument("--epochs", type=int, help=f"epochs of the one-cycle schedule ({default('epochs')})")
-    schedule.add_argument("--lr", type=float, help=f"peak learning rate at 16 pairs per step ({default('lr')})")
+    schedule.add_argument("--lr", type=float, help=f"peak learning rate at {Settings.step_pairs} pairs per step ({default('lr')})")
     schedule.add_argument("--wd", type=float, help=f"AdamW weight decay ({default('wd')})")
     schedule.add_argument("--drop-path", type=float, help=f"stochastic depth rate ({default('drop_path')})")
     logging = p.add_argument_group("logging")
@@ -91,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     logging.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging")
     gpu = p.add_argument_group("Kaggle / GPU")
     gpu.add_argument("--bs", type=batch_size, help=f"pairs per step per GPU, or auto: the largest that fits "
-                     f"({default('bs')} on the CPU)")
+                     f"(default: auto; {Settings.step_pairs} on the CPU)")
     gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
                      "pass: less memory per pair, about 20%% more time")
     gpu.add_argument("--time-limit", type=float, metavar="HOURS", help="stop with a checkpoint before an epoch would "
@@ -121,39 +119,32 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if note := gpu_note(argv, torch.cuda.device_count()):
         print(note)
-    modes = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite")
-    flags = {k: v for k, v in vars(args).items() if k not in modes}
-    if args.bs == "auto":
-        flags.update(bs=None, bs_auto=True)
-    elif args.bs is not None:
-        flags["bs"] = args.bs * world()  # --bs is per process; a run's bs is its pairs per optimiser step
-        if args.fresh:
-            flags.update(bs_auto=False, accum=1, processes=world())  # exactly this batch
+    flags = {k: v for k, v in vars(args).items() if k not in MODES}
     limit = args.time_limit if args.time_limit is not None else (
         KAGGLE_TIME_LIMIT_H if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else None)
     try:
-        source = checkpoint_path(args.resume) if args.resume else None
-        ckpt = load_checkpoint(source) if source else None
-        if ckpt is None:
-            cfg = resolve_config(flags, DEMO if args.demo else KAGGLE)
+        source = ckpt = None
+        if args.fresh:
+            settings = fresh_settings(flags, demo=args.demo)
+            if args.demo and settings.data == DEMO["data"]:
+                on_main(lambda: make_demo(DEMO_DIR))  # one writer; the others wait for it
         else:
+            source = checkpoint_path(args.resume)
+            ckpt = load_checkpoint(source)
             if args.out is None:  # beside the checkpoint it continues, unless that is read-only input
                 writable = os.access(source.parent, os.W_OK)
-                flags["out"] = str(source.parent) if writable else DEFAULTS["out"]
+                flags["out"] = str(source.parent) if writable else Settings.out
                 if not writable:
                     print(f"{source.parent}/ is read-only: this run writes to {flags['out']}/")
-            cfg = resume_config(ckpt["config"], flags, str(source))
-        if cfg["demo"] and args.data is None and args.data_root is None and not ckpt:
-            cfg["data"] = str(on_main(lambda: make_demo(DEMO_DIR)))  # one writer; the others wait for it
-            cfg["data_root"] = f"{DEMO_DIR}/images"
-        print("Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+            settings = resumed_settings(Settings(**ckpt["settings"]), flags, str(source))
+        print("Settings: " + ", ".join(f"{k}={v}" for k, v in vars(settings).items())
               + (f"; time limit {limit} h from the start" if limit is not None else ""))
         if args.check:
-            sys.exit(0 if preflight(cfg, limit) else 1)
+            sys.exit(0 if check(settings, limit) else 1)
         if args.lr_find:
-            find_lr(cfg)
+            find_lr(settings)
             return
-        train(cfg, ckpt, str(source) if source else None,
+        train(settings, ckpt, str(source) if source else None,
               deadline=PROCESS_START + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
     except TwinsError as e:
         raise SystemExit(f"{e.label}: {e}" if is_main() else 1) from None

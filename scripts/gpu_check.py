@@ -23,19 +23,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from twins.batch import training_step
-from twins.config import DEMO, KAGGLE
 from twins.explain import occlusion_map
 from twins.model import DCAL, check_cuda_arch, mixed_precision
-from twins.preflight import sync
+from twins.plan import training_step
+from twins.run import sync
+from twins.settings import DEMO, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
+KAGGLE = Settings()  # the Kaggle recipe
 
 
 class Log:
@@ -50,9 +52,8 @@ class Log:
 
 def recipe_steps(grad_ckpt: bool) -> dict:
     """Timed fp16 training steps of the Kaggle model; memory per pair = the slope between two batches."""
-    model = DCAL(KAGGLE["arch"], 300, KAGGLE["size"], pretrained=False, drop_path=KAGGLE["drop_path"],
-                 top_r=KAGGLE["top_r"], grad_ckpt=grad_ckpt)
-    step = training_step(model, 300, KAGGLE["size"], DEV)
+    model = DCAL.from_settings(replace(KAGGLE, grad_ckpt=grad_ckpt), 300, pretrained=False)
+    step = training_step(model, 300, KAGGLE.size, DEV)
     sizes, reps = ((4, 8), 5) if CUDA else ((1,), 1)
     peaks, speed = {}, None
     for bs in sizes:
@@ -81,11 +82,10 @@ def recipe_steps(grad_ckpt: bool) -> dict:
 
 def map_precision() -> dict:
     """The occlusion map of one face against another, fp16 (training's precision) against fp32."""
-    cfg = KAGGLE if CUDA else DEMO
+    s = KAGGLE if CUDA else replace(KAGGLE, **DEMO)
     torch.manual_seed(0)
-    model = DCAL(cfg["arch"], 300, cfg["size"], pretrained=False, top_r=cfg["top_r"],
-                 patch_size=cfg["patch_size"]).to(DEV).eval()
-    x = torch.randn(2, 3, cfg["size"], cfg["size"], device=DEV)
+    model = DCAL.from_settings(s, 300, pretrained=False).to(DEV).eval()
+    x = torch.randn(2, 3, s.size, s.size, device=DEV)
     with torch.no_grad():
         other = model.embed(x[1:])[0]
     t = time.time()
@@ -94,7 +94,7 @@ def map_precision() -> dict:
     low_s = time.time() - t
     full = occlusion_map(model, x[0], other).flatten()
     corr = float(torch.corrcoef(torch.stack([low, full]))[0, 1])
-    return {"size": cfg["size"], "windows": len(full), "seconds_per_face": low_s, "fp32_range": float(full.abs().max()),
+    return {"size": s.size, "windows": len(full), "seconds_per_face": low_s, "fp32_range": float(full.abs().max()),
             "max_abs_diff": float((low - full).abs().max()), "correlation": corr,
             "same_top_window": bool(low.argmax() == full.argmax())}
 

@@ -21,10 +21,10 @@ import torch
 
 from twins.checkpoint import model_from_checkpoint, newest_checkpoint
 from twins.data import build_cache
-from twins.evaluate import encode_all
 from twins.explain import pair_maps, window_size, windows
 from twins.inference import load_split, validation_threshold
 from twins.metrics import protocol_scores
+from twins.model import encode_all
 
 
 def mark_patches(places, radius: float, gh: int, gw: int) -> np.ndarray:
@@ -41,13 +41,13 @@ def main():
     p.add_argument("--ckpt")
     p.add_argument("--demo", default="demo")
     args = p.parse_args()
-    model, cfg, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
+    model, s, _ = model_from_checkpoint(args.ckpt or newest_checkpoint("models"))
     if not model.use_glca:
         raise SystemExit("this model has no GLCA branch (trained with --no-glca)")
     marks = json.loads((Path(args.demo) / "marks.json").read_text())
-    threshold, _ = validation_threshold(model, cfg)
-    test = load_split(cfg, "test")
-    cache = build_cache(test.paths, cfg["size"], "test images")
+    threshold, _ = validation_threshold(model, s)
+    test = load_split(s, "test")
+    cache = build_cache(test.paths, s.size, "test images")
     enc = encode_all(model, cache)
     emb = model.embedding(enc)
     scores, genuine, pairs = protocol_scores(emb, test.person, test.twin_pairs)

@@ -37,13 +37,13 @@ def lrs(stdout: str) -> dict:
     return {int(e): float(lr) for e, lr in re.findall(r"^epoch (\d+)/\d+ lr (\S+) ", stdout, re.M)}
 
 
-def tiny_config(tiny_demo, **overrides) -> dict:
-    """The resolved configuration of the tiny recipe on the tiny demo set, as train.py would build it."""
-    from twins.config import DEMO, resolve_config
+def tiny_settings(tiny_demo, **overrides):
+    """The settings of the tiny recipe on the tiny demo set, as train.py would make them."""
+    from twins.settings import fresh_settings
     json_dir, images = tiny_demo
     flags = dict(arch="test_vit", size=32, patch_size=8, pretrained=False, bs=8, lr=1e-3, top_r=0.25, valid_pct=0.25,
                  map_every=3, data=str(json_dir), data_root=str(images), wandb=False)
-    return resolve_config({**flags, **overrides}, DEMO)
+    return fresh_settings({**flags, **overrides}, demo=True)
 
 
 def write_layout(folder: Path, train_info, train_pairs, test_info, test_pairs) -> Path:

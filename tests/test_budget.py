@@ -7,14 +7,12 @@ import torch
 from fastai.callback.core import Callback
 
 import train
-from helpers import TINY, lrs, run, tiny_config
-from twins.app import build, prepare
-from twins.batch import largest_fitting, plan, reshare, training_step
-from twins.config import KAGGLE, resolve_config
+from helpers import TINY, lrs, run, tiny_settings
+from twins.plan import Plan, from_fits, largest_fitting, reshare, training_step
 from twins.errors import CheckpointError
-from twins.evaluate import encode_all
-from twins.model import DCAL
-from twins.preflight import StepTimer
+from twins.model import DCAL, encode_all
+from twins.run import StepTimer, build, make_learner, prepare
+from twins.settings import Settings
 
 
 def test_batch_search_takes_the_largest_batch_below_the_out_of_memory_limit():
@@ -50,11 +48,12 @@ def test_batch_search_takes_the_largest_batch_below_the_out_of_memory_limit():
     (4, 3, {"bs": 18, "accum": 2, "lr": 1e-4 * 18 / 16}),  # 16 cannot be shared by 3: 6 each, micro-batches of 3
 ])
 def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, processes, expected):
-    got = plan(fits, 16, 1e-4, processes)
-    assert got == pytest.approx({**expected, "processes": processes})
-    share = got["bs"] // processes
-    assert share * processes == got["bs"] and share % got["accum"] == 0
-    assert share // got["accum"] <= max(1, int(fits * 0.9))  # every micro-batch fits
+    got = from_fits(fits, 16, 1e-4, processes, "r")
+    assert (got.bs, got.accum, got.processes, got.run_id) == (expected["bs"], expected["accum"], processes, "r")
+    assert got.lr == pytest.approx(expected["lr"])
+    share = got.bs // processes
+    assert share * processes == got.bs and share % got.accum == 0
+    assert got.micro_bs == share // got.accum <= max(1, int(fits * 0.9))  # every micro-batch fits
 
 
 @pytest.mark.parametrize("run, processes, accum", [
@@ -64,15 +63,16 @@ def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, processes, expe
     ({"bs": 20, "accum": 1, "processes": 2}, 4, 1),
 ])
 def test_a_resumed_run_keeps_its_steps_on_another_number_of_processes(run, processes, accum):
-    got = reshare(run, processes)
-    assert got == {"accum": accum, "processes": processes}
-    assert (run["bs"] // processes) // accum <= run["bs"] // (run["processes"] * run["accum"])
+    saved = Plan("r", **run, lr=1e-3)
+    got = reshare(saved, processes)
+    assert got == Plan("r", run["bs"], accum, processes, 1e-3)  # the same steps, lr and run
+    assert got.micro_bs <= saved.micro_bs
 
 
 def test_a_step_that_processes_cannot_share_equally_is_refused():
     with pytest.raises(CheckpointError, match=r"18 pairs, which 4 processes cannot share equally; resume it with "
                                               r"1 or 2 or 3 or 6 process"):
-        reshare({"bs": 18, "accum": 1, "processes": 3}, 4)
+        reshare(Plan("r", 18, 1, 3, 1e-3), 4)
 
 
 class CountSteps(Callback):
@@ -87,8 +87,10 @@ class CountSteps(Callback):
 
 
 def test_gradient_accumulation_steps_once_per_recipe_batch(tiny_demo):
-    cfg = tiny_config(tiny_demo, bs=8, accum=2, bs_auto=False)
-    learn = build(cfg, prepare(cfg))
+    s = tiny_settings(tiny_demo)
+    data = prepare(s)
+    data.decode(s.size)
+    learn = make_learner(s, Plan("r", bs=8, accum=2, processes=1, lr=1e-3), data, DCAL.from_settings(s, len(data.classes)))
     assert learn.dls.train.bs == 4
     counter = CountSteps()
     learn.fit(1, 1e-3, cbs=counter)
@@ -98,13 +100,12 @@ def test_gradient_accumulation_steps_once_per_recipe_batch(tiny_demo):
 def test_kaggle_recipe_trains_a_step_and_evaluates_on_the_cpu(tiny_demo):
     """ViT-S/16 at 448 with GLCA and PWCA, as on Kaggle (random init: nothing can be downloaded here)."""
     json_dir, images = tiny_demo
-    cfg = resolve_config({"pretrained": False, "bs": 1, "bs_auto": False, "data": str(json_dir),
-                          "data_root": str(images), "wandb": False}, KAGGLE)
-    data = prepare(cfg)
-    learn = build(cfg, data)
+    s = Settings(pretrained=False, bs=1, data=str(json_dir), data_root=str(images), wandb=False)
+    data = prepare(s)
+    learn = build(s, data)
     assert learn.model.vit.patch_embed.grid_size == (28, 28) and learn.model.n_select == 78
     before = learn.model.glca_block.attn.qkv.weight.detach().clone()
-    learn.fit(1, cfg["lr"], cbs=StepTimer(1, stop_after_valid=False))  # one training step, no validation
+    learn.fit(1, s.lr, cbs=StepTimer(1, stop_after_valid=False))  # one training step, no validation
     assert not torch.equal(before, learn.model.glca_block.attn.qkv.weight)
     enc = encode_all(learn.model, data.caches["test"][:2])
     emb = learn.model.embedding(enc)

@@ -12,8 +12,8 @@ from PIL import Image
 from fastai.callback.core import Callback
 from fastai.torch_core import TensorImage
 
-from helpers import SHARED_JSON, jpeg, tiny_config, write_layout
-from twins.app import build, prepare
+from helpers import SHARED_JSON, jpeg, tiny_settings, write_layout
+from twins.run import build, prepare
 from twins.errors import DataError
 from twins.data import (PairAugment, build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
                         split_valid)
@@ -184,19 +184,6 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     assert torch.allclose(va[0][0], first, atol=1e-6)
 
 
-def test_show_batch_draws_pairs_with_same_or_twin_titles(tiny_demo):
-    import matplotlib
-    matplotlib.use("Agg")
-    json_dir, root = tiny_demo
-    tr = load_dataset(json_dir, root)["train"]
-    dls = pair_dataloaders(tr, None, build_cache(tr.paths, 32), None, {p: i for i, p in enumerate(tr.ids)},
-                           bs=6, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
-    b = dls.train.one_batch()
-    axes = dls.train.show_batch(b, max_n=4)
-    assert axes.shape == (4, 2)
-    assert [a.get_title() for a in axes[:, 1]] == ["same" if s > 0.5 else "twin" for s in b[2][:4]]
-
-
 def test_demo_records_where_the_marks_are():
     from twins.demo import MARK_RADIUS, _family, _person_marks, draw_face
     rng = np.random.default_rng(5)
@@ -225,8 +212,8 @@ def test_pair_augmentation_draws_each_image_on_its_own_and_never_flips():
 
 
 def test_training_draws_the_pairs_of_each_epoch_from_seed_and_epoch(tiny_demo):
-    cfg = tiny_config(tiny_demo, bs_auto=False)
-    learn = build(cfg, prepare(cfg))
+    s = tiny_settings(tiny_demo)
+    learn = build(s, prepare(s))
     ds = learn.dls.train.dataset
     seen = {}
 
@@ -236,6 +223,6 @@ def test_training_draws_the_pairs_of_each_epoch_from_seed_and_epoch(tiny_demo):
                 seen[self.epoch] = ds.partner.clone()
     learn.fit(3, 1e-3, cbs=Record())
     for epoch, partner in seen.items():
-        expected, _ = sample_pairs(ds.split, np.random.default_rng([cfg["seed"], epoch]))
+        expected, _ = sample_pairs(ds.split, np.random.default_rng([s.seed, epoch]))
         assert np.array_equal(partner.numpy(), expected), epoch
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])

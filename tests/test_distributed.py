@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import TINY, lrs, run, tiny_config
-from twins.app import build, prepare
+from helpers import TINY, lrs, run, tiny_settings
+from twins.run import build, prepare
 from twins.checkpoint import load_checkpoint, model_from_checkpoint
 from twins.data import prepare_data, sample_pairs, shard
 from twins.evaluate import embed_images, evaluate
@@ -40,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict, folder: str):
+def _worker(rank: int, world: int, port: int, s, folder: str):
     """One of two processes: its pairs, random draws and anchors in two epochs, its validation
     figures, the validation embeddings."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
@@ -48,7 +48,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, folder: str):
     from twins.distributed import start
     start()
     sys.stdout = open(os.devnull, "w")
-    learn = build(cfg, prepare(cfg))
+    learn = build(s, prepare(s))
+    assert learn.plan.bs == 8 and learn.plan.processes == 2
     dl, seen = learn.dls.train, {}
     create = dl.create_batch
     for epoch in range(2):
@@ -66,11 +67,10 @@ def _worker(rank: int, world: int, port: int, cfg: dict, folder: str):
 
 
 def test_two_processes_train_each_anchor_once_and_gather_validation_in_image_order(tiny_demo, tmp_path):
-    cfg = tiny_config(tiny_demo, seed=SEED, bs=8, processes=2, bs_auto=False)
-    mp.spawn(_worker, args=(2, _free_port(), cfg, str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, _free_port(), tiny_settings(tiny_demo, seed=SEED, bs=4), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     ranks = [r["epochs"] for r in results]
-    single = tiny_config(tiny_demo, seed=SEED, bs_auto=False)
+    single = tiny_settings(tiny_demo, seed=SEED)
     one = build(single, prepare(single))
     one.model.load_state_dict(results[0]["model"])
     n = len(one.dls.train.dataset)
@@ -127,12 +127,12 @@ def test_a_two_process_run_writes_once_and_its_metrics_are_one_process_s(two_pro
                                                         "run.json", "test_report.json"]  # no lock, no temporary
     assert len(list((work / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per process
     ckpt = load_checkpoint(models / "ep3.pth")
-    assert ckpt["config"]["processes"] == 2 and ckpt["config"]["bs"] == 8
+    assert ckpt["plan"]["processes"] == 2 and ckpt["plan"]["bs"] == 8 and ckpt["settings"]["bs"] == 4
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the model's own keys, not DDP's
     # the same weights evaluated by one process: the same report, and the last epoch's gathered valid EER
-    model, cfg, _ = model_from_checkpoint(models / "ep3.pth")
-    data_one = prepare_data(cfg)
-    data_one.decode(cfg["size"])
+    model, s, _ = model_from_checkpoint(models / "ep3.pth")
+    data_one = prepare_data(s)
+    data_one.decode(s.size)
     one = evaluate(model, data_one, tmp_path)
     two = json.loads((models / "test_report.json").read_text())
     for split in ("test", "valid"):
@@ -162,7 +162,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_steps(two
     assert "trained by 2 process(es); 1 continue it with the same steps" in r.stdout
     assert "Batch: 8 pairs per optimiser step (2 micro-batches of 4), peak lr 0.001" in r.stdout
     one, two = (load_checkpoint(f / "ep3.pth") for f in (tmp_path / "one", work / "models"))
-    assert one["config"]["processes"] == 1
+    assert one["plan"]["processes"] == 1 and one["plan"]["accum"] == 2
     steps = [max(int(s["step"]) for s in c["opt"]["state"] if "step" in s) for c in (one, two)]
     assert steps[0] == steps[1] > 0  # as many optimiser steps as the run would have taken in two processes
     assert 0 < lrs(r.stdout)[3] < lrs(p.stdout)[2]  # the one-cycle schedule continued, not restarted

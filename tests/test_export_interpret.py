@@ -18,11 +18,11 @@ from twins.loss import DCALLoss
 
 def checkpoint_scores(work, json_dir, images, n=6):
     """Scores of a few test pairs straight from the checkpoint (no export involved)."""
-    model, cfg, _ = model_from_checkpoint(work / "models" / "ep7.pth")
+    model, s, _ = model_from_checkpoint(work / "models" / "ep7.pth")
     test = load_dataset(json_dir, images)["test"]
     paths = [test.paths[i] for i in range(0, 2 * n)]
-    emb = embed_images(model, build_cache(paths, cfg["size"]))
-    return paths, [float(emb[2 * i] @ emb[2 * i + 1]) for i in range(n)], model, cfg, test
+    emb = embed_images(model, build_cache(paths, s.size))
+    return paths, [float(emb[2 * i] @ emb[2 * i + 1]) for i in range(n)], model, s, test
 
 
 def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(fresh_run, tiny_demo):
@@ -79,9 +79,9 @@ def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo
     for name in ("top_impostor.png", "top_genuine.png"):
         assert (work / "interp" / name).stat().st_size > 5000, name
     listing = json.loads((work / "interp" / "top_losses.json").read_text())
-    _, _, model, cfg, test = checkpoint_scores(work, *tiny_demo)
+    _, _, model, s, test = checkpoint_scores(work, *tiny_demo)
     # independently: every twin-impostor pair through the model's own forward and the loss, reduction='none'
-    cache = build_cache(test.paths, cfg["size"])
+    cache = build_cache(test.paths, s.size)
     dc = model.data_config
     norm = lambda x: (x.float() / 255 - torch.tensor(dc["mean"]).view(1, 3, 1, 1)) / torch.tensor(dc["std"]).view(1, 3, 1, 1)
     imp = [(a, b) for p_, q in test.twin_pairs for a in test.images_of(p_) for b in test.images_of(q)]

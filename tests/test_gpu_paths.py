@@ -13,13 +13,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import train
 import twins.model
 from helpers import ROOT
-from twins.batch import training_step
+from twins.plan import training_step
 from twins.checkpoint import model_from_checkpoint
 from twins.errors import TwinsError
-from twins.evaluate import embed_images, encode_all
+from twins.evaluate import embed_images
 from twins.loss import DCALLoss
 from twins.metrics import protocol_scores
-from twins.model import CU126_INSTALL, DCAL, check_cuda_arch
+from twins.model import CU126_INSTALL, DCAL, check_cuda_arch, encode_all
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 # get_arch_list() of real builds: CUDA 12.6 (torch's own table in torch/cuda/__init__.py), CUDA 12.8
@@ -156,7 +156,7 @@ def test_grad_ckpt_does_not_recompute_the_attention_maps_it_discards(monkeypatch
 
 def test_a_checkpoint_becomes_a_model_on_the_device_asked_for(fresh_run):
     work, _, _ = fresh_run
-    model, cfg, _ = model_from_checkpoint(work / "models" / "ep7.pth", torch.device("meta"))
+    model, _, _ = model_from_checkpoint(work / "models" / "ep7.pth", torch.device("meta"))
     assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
     model, _, _ = model_from_checkpoint(work / "models" / "ep7.pth")  # default: the GPU where there is one
     assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}

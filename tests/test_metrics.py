@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import tiny_config
-from twins.app import build, prepare
+from helpers import tiny_settings
+from twins.run import build, prepare
 from twins.evaluate import split_report
 from twins.metrics import equal_error, protocol_scores, verification_report
 
@@ -80,9 +80,9 @@ def test_eer_threshold_is_finite_when_the_top_scores_already_separate():
 
 
 def test_validation_metric_is_computed_on_every_validation_image_in_order(tiny_demo):
-    cfg = tiny_config(tiny_demo, bs=3, bs_auto=False)  # batches that do not divide the set
-    data = prepare(cfg)
-    learn = build(cfg, data)
+    s = tiny_settings(tiny_demo, bs=3)  # batches that do not divide the set
+    data = prepare(s)
+    learn = build(s, data)
     eer, auc = learn.validate()[1:]
     rep = split_report(learn.model, data.valid, data.caches["valid"])[0]
     assert eer == pytest.approx(rep["eer"], abs=1e-6) and auc == pytest.approx(rep["auc"], abs=1e-6)

@@ -23,6 +23,8 @@ from helpers import ROOT, TINY, run
 from twins.checkpoint import load_checkpoint, write_atomic
 from twins.data import load_dataset, load_faces
 from twins.errors import DataError
+from twins.plan import Plan
+from twins.settings import Settings
 from twins.tracking import start_wandb
 
 
@@ -53,7 +55,7 @@ def test_fresh_never_overwrites_a_run_unless_told(fresh_run, tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "--overwrite: deleted the previous run in models/" in out
     assert sorted(f.name for f in copy.glob("ep*.pth")) == ["ep1.pth"]
-    assert json.loads((copy / "run.json").read_text())["run_id"] != load_checkpoint(work / "models" / "ep7")["config"]["run_id"]
+    assert json.loads((copy / "run.json").read_text())["run_id"] != load_checkpoint(work / "models" / "ep7")["plan"]["run_id"]
 
 
 def test_resume_writes_beside_its_checkpoint_and_never_over_a_later_one(fresh_run, tmp_path, monkeypatch):
@@ -215,12 +217,12 @@ def test_interpret_says_which_model_and_names_bad_files(fresh_run, tiny_demo, tm
 
 def test_wandb_mode_is_decided_at_once_and_said(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    cfg = {"wandb": True, "wandb_project": "p", "wandb_entity": "e"}
+    s, plan = Settings(wandb_project="p", wandb_entity="e"), Plan("r", 16, 1, 1, 1e-4)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: the network is down
     t = time.time()
-    r = start_wandb(cfg, None)
+    r = start_wandb(s, plan, None)
     try:
         assert time.time() - t < 30
         assert r is not None and r.settings.mode == "offline"
@@ -230,7 +232,7 @@ def test_wandb_mode_is_decided_at_once_and_said(tmp_path, monkeypatch, capsys):
     assert "W&B: logging offline to ./wandb" in out and "http://127.0.0.1:9 cannot be reached" in out
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert start_wandb(cfg, None) is None and "W&B: off (WANDB_MODE=disabled)" in capsys.readouterr().out
+    assert start_wandb(s, plan, None) is None and "W&B: off (WANDB_MODE=disabled)" in capsys.readouterr().out
 
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):

@@ -5,9 +5,8 @@ import json
 import pytest
 
 import train
-from helpers import TINY, lrs, run, tiny_config
-from twins.app import build, prepare
-from twins.preflight import StepTimer
+from helpers import TINY, lrs, run, tiny_settings
+from twins.run import StepTimer, build, prepare
 from twins.checkpoint import load_checkpoint, newest_checkpoint
 from twins.errors import CheckpointError, DataError, TwinsError
 
@@ -29,7 +28,7 @@ def test_fresh_run_writes_checkpoints_maps_and_report(fresh_run):
     assert report["valid"]["eer_threshold"] == pytest.approx(t["threshold"])
     assert (models / "roc.png").stat().st_size > 1000
     assert "W&B: logging offline to ./wandb" in p.stdout and "(WANDB_MODE=offline)" in p.stdout
-    assert "Config: " in p.stdout and "Test (twins-only" in p.stdout
+    assert "Settings: " in p.stdout and "Test (twins-only" in p.stdout
 
 
 def test_offline_wandb_run_holds_history(fresh_run):
@@ -112,8 +111,8 @@ def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp
 
 
 def test_no_weight_decay_on_norms_biases_position_class_token_and_loss_parameters(tiny_demo):
-    cfg = tiny_config(tiny_demo, bs_auto=False)
-    learn = build(cfg, prepare(cfg))
+    s = tiny_settings(tiny_demo)
+    learn = build(s, prepare(s))
     learn.fit(1, 1e-3, cbs=StepTimer(1, stop_after_valid=False))  # one real step: the optimizer's groups in use
     decayed = {n for n, p in learn.model.named_parameters() if learn.opt.state[p].get("do_wd", True)}
     for name in ("vit.pos_embed", "vit.cls_token", "vit.blocks.0.norm1.weight", "vit.blocks.0.attn.qkv.bias",

@@ -14,8 +14,8 @@ from fastai.learner import Recorder
 
 from .checkpoint import epoch_path, restore_run_state, snapshot, write_atomic
 from .data import Split
-from .distributed import bare, share, world
-from .evaluate import encode_all
+from .distributed import bare, share
+from .model import encode_all
 from .tracking import log_figure, wandb_run
 from .viz import maps_of, plot_pairs
 
@@ -52,7 +52,7 @@ class BranchLogger(Callback):
     def after_batch(self):
         last = self.learn.loss_func.last
         values = self.learn.to_detach(torch.stack(list(last.values())))  # gathered: one sync, not six
-        last = dict(zip(last, values.view(world(), -1).mean(0).tolist()))
+        last = dict(zip(last, values.view(-1, len(last)).mean(0).tolist()))
         for k, v in last.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
@@ -87,7 +87,7 @@ class EveryNEpochs(Callback):
 
 class Checkpoint(EveryNEpochs):
     """`ep{N}.pth` (N = epochs completed) in `folder` every `every` epochs and at the end, with `meta`
-    (config, training ids, W&B run id). The last trained epoch is also kept in memory, so that a run
+    (`checkpoint.run_meta`). The last trained epoch is also kept in memory, so that a run
     stopped between checkpoints (time limit, SIGTERM, Ctrl-C) still saves it: `save_last()`."""
     order = Recorder.order + 1
 
@@ -191,7 +191,7 @@ class EpochReport(EveryNEpochs):
 
     def after_train(self):
         super().after_train()
-        self.pairs_per_s = self.n_iter * self.dls.train.bs * world() / (time.time() - self.train_start)
+        self.pairs_per_s = self.n_iter * self.plan.bs / self.plan.accum / (time.time() - self.train_start)
 
     def act(self, done: int):
         took = time.time() - self.start

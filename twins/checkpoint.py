@@ -1,24 +1,34 @@
-"""The checkpoint format, in one place: where checkpoints live (`ep{N}.pth`), the atomic write, the
-read with its checks, compatibility with a run, and the model, optimizer and loss-scale state they
-restore (so that a resumed run is the run it continues)."""
+"""The run folder and what a run writes there, so that nothing is lost and no run overwrites or
+mixes with another: checkpoints (`ep{N}.pth`: settings, plan, weights, optimizer and loss-scale state,
+so that a resumed run is the run it continues), the atomic write, the read with its checks, one run
+per folder (`run.json` names it) and the lock against a second process."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import secrets
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from fastai.learner import Learner
 from fastai.torch_core import to_device
 
-from .config import MODEL_KEYS, device
 from .distributed import bare
 from .errors import CheckpointError
-from .model import DCAL
+from .model import DCAL, device
+from .settings import Settings
 
-REQUIRED = ("model", "opt", "epoch", "config", "classes")
+REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes")
+# What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
+RUN_FILES = ("ep*.pth", "run.json", "test_report.json", "roc.png", "maps", "twins.pkl", "interpret")
+LOCK = ".lock"
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -77,6 +87,12 @@ def restore_run_state(learn: Learner, state: dict) -> None:
         learn.scaler.load_state_dict(state["scaler"])
 
 
+def run_meta(learn: Learner, classes: list[str], wandb_id: str | None) -> dict:
+    """What a checkpoint holds besides the tensors: the settings and the plan (apart), the training
+    ids, the W&B run it logs to."""
+    return {"settings": asdict(learn.settings), "plan": asdict(learn.plan), "classes": classes, "wandb_id": wandb_id}
+
+
 def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
     change it): model (without DDP's wrapper), optimizer, epochs completed, run state and `meta`
@@ -85,10 +101,6 @@ def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     torch.save({"model": bare(learn.model).state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch,
                 "run_state": run_state(learn), **meta}, buf)
     return buf.getvalue()
-
-
-def save_checkpoint(path: Path, learn: Learner, epoch: int, meta: dict) -> None:
-    write_atomic(path, snapshot(learn, epoch, meta))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -102,16 +114,16 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing == {"settings", "plan"} and "config" in ckpt:  # one config dict, before settings and plan
+        raise CheckpointError(f"{p} was written by an earlier version of twins, which this one cannot resume "
+                              "or export; train it again with python train.py --fresh")
     if missing:
         raise CheckpointError(f"{p} is not a twins checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt
 
 
-def check_compatible(ckpt: dict, cfg: dict, classes: list[str], source: str) -> None:
-    """The run described by `cfg` and `classes` can take this checkpoint's weights, or CheckpointError."""
-    diffs = [f"{k}: checkpoint {ckpt['config'][k]!r} vs {cfg[k]!r}" for k in MODEL_KEYS if ckpt["config"][k] != cfg[k]]
-    if diffs:
-        raise CheckpointError(f"{source} does not match this run ({'; '.join(diffs)})")
+def check_classes(ckpt: dict, classes: list[str], source: str) -> None:
+    """The data gives the training ids the checkpoint's classifier was trained on, or CheckpointError."""
     if ckpt["classes"] != classes:
         extra, gone = sorted(set(classes) - set(ckpt["classes"])), sorted(set(ckpt["classes"]) - set(classes))
         raise CheckpointError(f"{source} was trained on other training ids than this data gives "
@@ -123,16 +135,17 @@ def load_weights(model: DCAL, ckpt: dict, source: str | Path) -> None:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {source} does not fit the model its config describes: {e}") from None
+        raise CheckpointError(f"checkpoint {source} does not fit the model its settings describe: {e}") from None
 
 
-def model_from_checkpoint(path: str | Path, dev: torch.device | None = None) -> tuple[DCAL, dict, dict]:
+def model_from_checkpoint(path: str | Path, dev: torch.device | None = None) -> tuple[DCAL, Settings, dict]:
     """(model in eval mode with the checkpoint's weights, on `dev` (default: the GPU when there is one),
-    the run's config, the whole checkpoint)."""
+    the run's settings, the whole checkpoint)."""
     ckpt = load_checkpoint(path)
-    model = DCAL.from_config(ckpt["config"], len(ckpt["classes"]), pretrained=False)
+    s = Settings(**ckpt["settings"])
+    model = DCAL.from_settings(s, len(ckpt["classes"]), pretrained=False)
     load_weights(model, ckpt, checkpoint_path(path))
-    return model.to(dev or device()).eval(), ckpt["config"], ckpt
+    return model.to(dev or device()).eval(), s, ckpt
 
 
 def restore(learn: Learner, ckpt: dict, source: str | Path) -> None:
@@ -141,3 +154,97 @@ def restore(learn: Learner, ckpt: dict, source: str | Path) -> None:
     learn.model.to(device())
     learn.create_opt()
     learn.opt.load_state_dict(to_device(ckpt["opt"], device()))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def run_files(folder: Path) -> list[Path]:
+    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)})
+
+
+def folder_run_id(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "run.json").read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def claim_for_fresh(folder: Path, overwrite: bool) -> None:
+    """A fresh run needs a folder without another run in it; `overwrite` deletes that run first."""
+    found = run_files(folder) if folder.is_dir() else []
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
+    if not overwrite:
+        raise CheckpointError(f"{folder}/ holds another run ({names}); a fresh run never overwrites one: pass "
+                              "--out NEW_FOLDER, or add --overwrite to delete it first (an unfinished run continues "
+                              f"with python train.py --resume {folder})")
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(f"--overwrite: deleted the previous run in {folder}/ ({names})")
+
+
+def claim_for_resume(folder: Path, run_id: str | None, epoch: int) -> None:
+    """A resumed run writes only into a folder of its own run (or an empty one), and never over a
+    checkpoint later than the one it continues (that would be another lineage)."""
+    if not folder.is_dir():
+        return
+    other = folder_run_id(folder)
+    if other is not None and other != run_id and run_files(folder):
+        raise CheckpointError(f"{folder}/ holds another run ({other}); resume into a new folder with --out")
+    later = sorted(p.name for p in folder.glob("ep*.pth") if checkpoint_epoch(p) > epoch)
+    if later:
+        raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming from "
+                              f"epoch {epoch} there would overwrite them. Resume from the newest "
+                              f"(--resume {folder}), or branch off into a new folder with --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextmanager
+def locked(folder: Path):
+    """Hold `folder/.lock` (this process's id) while a run writes there; a second process is refused
+    with a message. A lock left by a process that no longer runs is taken over."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise CheckpointError(f"{folder}/ is being written by another process (pid {pid}, since "
+                                      f"{time.ctime(lock.stat().st_mtime)}); wait for it, or use --out "
+                                      "another folder") from None
+            lock.unlink(missing_ok=True)  # stale: its process has ended
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        left = clean_leftovers(folder)
+        if left:
+            print(f"Removed {len(left)} temporary file(s) a stopped write left in {folder}/")
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):  # a run that stopped before writing anything leaves no folder
+            folder.rmdir()
+
+
+def write_run_json(folder: Path, learn: Learner) -> None:
+    (folder / "run.json").write_text(json.dumps({"run_id": learn.plan.run_id, "settings": asdict(learn.settings),
+                                                 "plan": asdict(learn.plan)}, indent=1))

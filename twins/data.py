@@ -16,18 +16,20 @@ from pathlib import Path, PureWindowsPath
 import numpy as np
 import torch
 from fastai.callback.core import Callback
-from fastai.data.core import DataLoaders, dispatch, show_batch
+from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.data.transforms import IntToFloatTensor, Normalize
-from fastai.torch_core import TensorImage, set_seed, show_image
-from fastcore.basics import fastuple
+from fastai.torch_core import TensorImage, set_seed
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
 from PIL import Image, UnidentifiedImageError
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .distributed import rank, world
 from .errors import DataError
+from .settings import Settings
 
 SPLITS = ("train", "test")
 
@@ -137,22 +139,14 @@ class Split:
         return np.flatnonzero(self.person == person)
 
     def families(self) -> list[list[int]]:
-        """Connected groups of siblings (a triplet family is one group)."""
-        seen, groups = set(), []
-        for start in range(len(self.ids)):
-            if start in seen:
-                continue
-            group, stack = [], [start]
-            seen.add(start)
-            while stack:
-                p = stack.pop()
-                group.append(p)
-                for q in self.siblings[p]:
-                    if q not in seen:
-                        seen.add(q)
-                        stack.append(q)
-            groups.append(sorted(group))
-        return groups
+        """Connected groups of siblings (a triplet family is one group), ordered by their first person."""
+        n = len(self.ids)
+        a, b = np.array(self.twin_pairs, dtype=np.int64).reshape(-1, 2).T
+        _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
+        groups = {}
+        for p, g in enumerate(label):
+            groups.setdefault(g, []).append(p)
+        return list(groups.values())
 
     def subset(self, people: list[int]) -> "Split":
         """The split restricted to `people` (whole families, so twin pairs stay intact)."""
@@ -228,14 +222,14 @@ class TwinData:
                 self.caches[name] = build_cache(split.paths, size, f"{name} images")
 
 
-def prepare_data(cfg: dict) -> TwinData:
+def prepare_data(s: Settings) -> TwinData:
     """Load and check the run's JSON files, find every image, and hold out the validation families;
     no image is decoded yet (`TwinData.decode`), so checks that need only the ids come first."""
-    splits = load_dataset(cfg["data"], cfg["data_root"])
-    train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
+    splits = load_dataset(s.data, s.data_root)
+    train, valid = split_valid(splits["train"], s.valid_pct, s.seed)
     parts = {"train": train, "valid": valid, "test": splits["test"]}
-    print("Data: " + ", ".join(f"{k} {len(s.ids)} people / {len(s.paths)} images / {len(s.twin_pairs)} twin pairs"
-                              for k, s in parts.items() if s is not None))
+    print("Data: " + ", ".join(f"{k} {len(p.ids)} people / {len(p.paths)} images / {len(p.twin_pairs)} twin pairs"
+                              for k, p in parts.items() if p is not None))
     return TwinData(train, valid, splits["test"], {pid: i for i, pid in enumerate(train.ids)})
 
 
@@ -402,11 +396,6 @@ class PairDL(DataLoader):
         p = ds.partner[a]
         return (TensorImage(ds.cache[a]), TensorImage(ds.cache[p]), ds.same[a].float(), ds.label[a], ds.label[p])
 
-    def show_batch(self, b=None, max_n: int = 6, **kwargs):
-        """Pairs side by side, titled "same" or "twin" (fastai's `show_batch`, dispatched on `TwinPair`)."""
-        xa, xb, *targets = self.after_batch.decode(self.one_batch() if b is None else b)
-        return show_batch(TwinPair(xa, xb), targets, None, max_n=max_n, **kwargs)
-
 
 class RedrawPairs(Callback):
     """Every random draw of an epoch comes from the seed and fastai's epoch number, so that a resumed
@@ -416,24 +405,6 @@ class RedrawPairs(Callback):
     def before_train(self):
         self.dls.train.dataset.resample(self.epoch)
         set_seed(int(np.random.SeedSequence([self.dls.train.dataset.seed, self.epoch, rank()]).generate_state(1)[0]))
-
-
-class TwinPair(fastuple):
-    """The two image batches of a pair batch, as fastai's `show_batch` sees them."""
-
-
-@dispatch
-def show_batch(x: TwinPair, y, samples, ctxs=None, max_n=6, figsize=None, **kwargs):  # noqa: F811 (a dispatch case)
-    import matplotlib.pyplot as plt
-    xa, xb = x
-    same = y[0]
-    n = min(len(xa), max_n)
-    fig, axes = plt.subplots(n, 2, figsize=figsize or (4, 2 * n), squeeze=False)
-    for i in range(n):
-        show_image(xa[i], ax=axes[i, 0], title="anchor")
-        show_image(xb[i], ax=axes[i, 1], title="same" if same[i] > 0.5 else "twin")
-    fig.tight_layout()
-    return axes
 
 
 class PairAugment(ItemTransform):

@@ -1,4 +1,4 @@
-"""Encoding cached images, the verification threshold, and the twins-only test report."""
+"""Embedding a split's cached images, the verification threshold, and the twins-only test report."""
 from __future__ import annotations
 
 import json
@@ -10,29 +10,8 @@ from sklearn.metrics import roc_curve
 from .data import Split, TwinData
 from .distributed import gather, is_main, rank, world
 from .metrics import protocol_scores, verification_report
-from .model import DCAL, mixed_precision
+from .model import DCAL, encode_all
 from .viz import plot_roc
-
-
-def normalise(model: DCAL, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (n, 3, H, W) as the model's input, on its device: [0, 1], then its mean and std."""
-    dc, dev = model.data_config, next(model.parameters()).device
-    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
-    return (images.to(dev).float() / 255 - mean) / std
-
-
-@torch.no_grad()
-def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
-    """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
-    rollout, GLCA-selected patches, on the CPU."""
-    dev = next(model.parameters()).device
-    model.eval()
-    parts = []
-    for i in range(0, len(cache), bs):
-        with mixed_precision(dev):  # as training's evaluation; every output cast to fp32 for the scores
-            out = model.encode(normalise(model, cache[i:i + bs]))
-        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:

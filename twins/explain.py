@@ -14,8 +14,7 @@ import math
 
 import torch
 
-from .evaluate import encode_all, normalise
-from .model import DCAL, mixed_precision
+from .model import DCAL, encode_all, mixed_precision, normalise
 
 GRID = 14  # about this many windows per side: 1 patch per window at 64 px / 8, 2 x 2 patches at 448 / 16
 

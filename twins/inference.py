@@ -2,6 +2,7 @@
 and the top-loss twin pairs with their attention heatmaps. No W&B here: `verify()` runs without wandb."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,49 +12,46 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 
-from .checkpoint import checkpoint_epoch
-from .data import PairDL, Split, TwinPairs, build_cache, load_dataset, load_faces, normalizer, split_valid
+from .checkpoint import checkpoint_epoch, folder_run_id
+from .data import PairDL, Split, TwinPairs, build_cache, load_faces, normalizer, prepare_data
 from .errors import CheckpointError, DataError
-from .evaluate import choose_threshold, embed_images, encode_all
+from .evaluate import choose_threshold, embed_images
 from .loss import DCALLoss
+from .model import encode_all
 from .metrics import protocol_scores
-from .runs import folder_run_id
 from .explain import pair_maps
+from .settings import Settings
 from .viz import maps_of
 
 
-def load_split(cfg: dict, split: str, data: str | None = None, data_root: str | None = None) -> Split:
-    """One split of the run's data ('train', 'valid' or 'test'); the validation families are the
-    ones the run held out (same --valid-pct and --seed)."""
-    splits = load_dataset(data or cfg["data"], data_root or cfg["data_root"])
-    if split == "test":
-        return splits["test"]
-    train, valid = split_valid(splits["train"], cfg["valid_pct"], cfg["seed"])
-    if split == "valid" and valid is None:
+def load_split(s: Settings, split: str, data: str | None = None, data_root: str | None = None) -> Split:
+    """One split of the run's data ('train', 'valid' or 'test'; the validation families the run held
+    out), with the JSON folder or image folder moved when given."""
+    found = getattr(prepare_data(replace(s, data=data or s.data, data_root=data_root or s.data_root)), split)
+    if found is None:
         raise DataError("this run had no validation split (--valid-pct 0)")
-    return valid if split == "valid" else train
+    return found
 
 
-def validation_threshold(model, cfg: dict, data: str | None = None, data_root: str | None = None):
+def validation_threshold(model, s: Settings, data: str | None = None, data_root: str | None = None):
     """The verification threshold as training chose it: the EER threshold on the validation twins
     (on the training twins, flagged, when the run had no validation split)."""
-    has_valid = cfg["valid_pct"] > 0
-    split = load_split(cfg, "valid" if has_valid else "train", data, data_root)
-    threshold, source, _ = choose_threshold(model, split, build_cache(split.paths, cfg["size"], "threshold images"),
-                                            has_valid)
+    has_valid = s.valid_pct > 0
+    split = load_split(s, "valid" if has_valid else "train", data, data_root)
+    threshold, source, _ = choose_threshold(model, split, build_cache(split.paths, s.size, "threshold images"), has_valid)
     return threshold, source
 
 
-def inference_learner(model, cfg: dict, ckpt: dict, ckpt_path: Path, threshold: float, source: str) -> Learner:
+def inference_learner(model, s: Settings, ckpt: dict, ckpt_path: Path, threshold: float, source: str) -> Learner:
     """A Learner holding only what inference needs: the model, the loss, empty loaders with the
-    normalisation, and the run's config, training ids, verification threshold and origin."""
+    normalisation, and the run's settings, training ids, verification threshold and origin."""
     dc = model.data_config
-    empty = TwinPairs.empty(cfg["size"])
+    empty = TwinPairs.empty(s.size)
     tfms = Pipeline([IntToFloatTensor(), normalizer(dc["mean"], dc["std"])], split_idx=1)
     dls = DataLoaders(PairDL(empty, bs=1, after_batch=tfms), PairDL(empty, bs=1, after_batch=tfms))
     learn = Learner(dls, model, loss_func=DCALLoss())
-    learn.twins = {"config": cfg, "classes": ckpt["classes"], "epoch": ckpt["epoch"], "threshold": threshold,
-                   "threshold_source": source, "checkpoint": str(ckpt_path), "run_id": cfg.get("run_id")}
+    learn.twins = {"settings": s, "classes": ckpt["classes"], "epoch": ckpt["epoch"], "threshold": threshold,
+                   "threshold_source": source, "checkpoint": str(ckpt_path), "run_id": ckpt["plan"]["run_id"]}
     return learn
 
 
@@ -74,10 +72,9 @@ def open_learner(path: str | Path) -> Learner:
 def describe(learn: Learner, path: Path) -> str:
     """Which model an exported learner holds, and whether its folder has a newer checkpoint of its run."""
     t = learn.twins
-    text = (f"{path}: run {t.get('run_id') or '(unnamed)'}, epoch {t['epoch']}, exported from "
-            f"{t.get('checkpoint', 'a checkpoint')}")
+    text = f"{path}: run {t['run_id']}, epoch {t['epoch']}, exported from {t['checkpoint']}"
     newer = [c for c in path.parent.glob("ep*.pth") if checkpoint_epoch(c) > t["epoch"]]
-    if newer and folder_run_id(path.parent) == t.get("run_id"):
+    if newer and folder_run_id(path.parent) == t["run_id"]:
         text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({max(newer, key=checkpoint_epoch).name}); "
                  "python export.py exports the newest")
     return text
@@ -88,7 +85,7 @@ def explain(learn: Learner, img_a, img_b) -> dict:
     one value per window of patches, row-major over the face (twins/explain.py). Positive: without that
     region the two faces would score more alike, so it made them look different (dissimilarity);
     negative: it made them look alike (similarity)."""
-    score, map_a, map_b = pair_maps(learn.model, load_faces([img_a, img_b], learn.twins["config"]["size"]))
+    score, map_a, map_b = pair_maps(learn.model, load_faces([img_a, img_b], learn.twins["settings"].size))
     t = learn.twins["threshold"]
     return {"score": score, "same": score >= t, "threshold": t, "map_a": map_a, "map_b": map_b}
 
@@ -96,7 +93,7 @@ def explain(learn: Learner, img_a, img_b) -> dict:
 def verify(learn: Learner, img_a, img_b) -> dict:
     """Score one pair (paths or PIL images): cosine of the DCAL embeddings (SA + GLCA), the decision
     at the threshold chosen on validation, and the threshold."""
-    size = learn.twins["config"]["size"]
+    size = learn.twins["settings"].size
     emb = embed_images(learn.model, load_faces([img_a, img_b], size))
     score = float(emb[0] @ emb[1])
     return {"score": score, "same": score >= learn.twins["threshold"], "threshold": learn.twins["threshold"]}

@@ -86,6 +86,11 @@ def rollout_row(maps: list[torch.Tensor]) -> torch.Tensor:
     return row
 
 
+def device() -> torch.device:
+    """Where training and inference run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def mixed_precision(dev: torch.device):
     """fp16 autocast on CUDA, as training's MixedPrecision; elsewhere the caller's precision, so that a
     test under CPU bf16 autocast runs the very lines that run in fp16 on a GPU. Scores (differences of
@@ -149,11 +154,11 @@ class DCAL(nn.Module):
         self.pair_logit = nn.Parameter(torch.tensor([10.0, -5.0]))
 
     @classmethod
-    def from_config(cls, cfg: dict, n_classes: int, pretrained: bool | None = None) -> "DCAL":
-        """The model a run's configuration describes (`pretrained` overrides the config's)."""
-        return cls(cfg["arch"], n_classes, cfg["size"], pretrained=cfg["pretrained"] if pretrained is None else pretrained,
-                   drop_path=cfg["drop_path"], top_r=cfg["top_r"], glca=cfg["glca"], pwca=cfg["pwca"],
-                   patch_size=cfg["patch_size"], grad_ckpt=cfg.get("grad_ckpt", False), weights=cfg.get("weights"))
+    def from_settings(cls, s, n_classes: int, pretrained: bool | None = None) -> "DCAL":
+        """The model a run's `Settings` describe (`pretrained` overrides theirs)."""
+        return cls(s.arch, n_classes, s.size, pretrained=s.pretrained if pretrained is None else pretrained,
+                   drop_path=s.drop_path, top_r=s.top_r, glca=s.glca, pwca=s.pwca, patch_size=s.patch_size,
+                   grad_ckpt=s.grad_ckpt, weights=s.weights)
 
     @property
     def data_config(self) -> dict:
@@ -258,6 +263,27 @@ class DCAL(nn.Module):
         if "pwca" in out:
             res["pwca"] = self.sa_head(out["pwca"])  # PWCA shares the SA classifier, as it shares the blocks
         return res
+
+
+def normalise(model: DCAL, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (n, 3, H, W) as the model's input, on its device: [0, 1], then its mean and std."""
+    dc, dev = model.data_config, next(model.parameters()).device
+    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (images.to(dev).float() / 255 - mean) / std
+
+
+@torch.no_grad()
+def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
+    """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
+    rollout, GLCA-selected patches, on the CPU."""
+    dev = next(model.parameters()).device
+    model.eval()
+    parts = []
+    for i in range(0, len(cache), bs):
+        with mixed_precision(dev):  # as training's evaluation; every output cast to fp32 for the scores
+            out = model.encode(normalise(model, cache[i:i + bs]))
+        parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 # One command that puts a CUDA 12.6 build (kernels for sm_50 to sm_90) in place of Kaggle's CUDA 12.8 one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,10 +60,10 @@ def wandb_mode() -> tuple[str, str]:
     return "online", "WANDB_API_KEY"
 
 
-def start_wandb(config: dict, resume_id: str | None):
-    """Start W&B for a run configured by `config` (off with `wandb=False`), saying which mode and
-    why. Never fatal: W&B trouble is printed and training goes on without it."""
-    if not config["wandb"]:
+def start_wandb(s, plan, resume_id: str | None):
+    """Start W&B for a run with these settings and plan (off with `s.wandb` False), saying which mode
+    and why; its config is both. Never fatal: W&B trouble is printed and training goes on without it."""
+    if not s.wandb:
         print("W&B: off (--no-wandb)")
         return None
     mode, why = wandb_mode()
@@ -72,8 +73,8 @@ def start_wandb(config: dict, resume_id: str | None):
     where = "online" if mode == "online" else "offline to ./wandb (upload later with `wandb sync wandb/offline-run-*`)"
     print(f"W&B: logging {where} ({why})")
     try:
-        return wandb.init(project=config["wandb_project"], entity=config["wandb_entity"], config=config, mode=mode,
-                          id=resume_id, resume="allow" if resume_id else None)
+        return wandb.init(project=s.wandb_project, entity=s.wandb_entity, config={**asdict(s), **asdict(plan)},
+                          mode=mode, id=resume_id, resume="allow" if resume_id else None)
     except Exception as e:  # W&B trouble must never stop training
         print(f"W&B: could not start ({type(e).__name__}: {e}); training without it")
         return None

@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: E402
 
 
 def maps_of(model, enc: dict, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image `i`'s rollout heatmap and GLCA-selected mask, both (gh, gw), from `evaluate.encode_all` output."""
+    """Image `i`'s rollout heatmap and GLCA-selected mask, both (gh, gw), from `model.encode_all` output."""
     gh, gw = model.vit.patch_embed.grid_size
     if "rollout" not in enc:  # a model trained without GLCA has neither
         return torch.ones(gh, gw), torch.zeros(gh, gw)

@@ -1,0 +1,307 @@
+"""A training run, top to bottom: check (GPU, checkpoint, data) -> claim the run folder -> build the
+Learner (model, the plan for this machine) -> fit -> stop with a checkpoint (time limit, Ctrl-C,
+SIGTERM) or evaluate on the test twins. `--check` and `--lr-find` take the same first steps and end
+after the build: they claim no folder and keep no checkpoint."""
+from __future__ import annotations
+
+import platform
+import signal
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from pathlib import Path
+
+import fastai
+import matplotlib.pyplot as plt
+import timm
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelTrainException
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+from fastcore.basics import noop
+
+from .callbacks import AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState, TimmWeightDecay, span
+from .checkpoint import (check_classes, claim_for_fresh, claim_for_resume, epoch_path, load_checkpoint, locked,
+                         new_run_id, restore, run_meta, snapshot, write_atomic, write_run_json)
+from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
+from .distributed import Distributed, is_main, launch_command, on_main
+from .errors import CheckpointError
+from .evaluate import evaluate
+from .loss import DCALLoss
+from .metrics import TwinsMetric
+from .model import DCAL, check_cuda_arch, device
+from .plan import Plan, make_plan
+from .settings import KAGGLE_TIME_LIMIT_H, Settings
+from .tracking import Wandb, log_figure, start_wandb
+
+
+def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) -> TwinData:
+    """Everything a run can check before the slow work: the GPU, the checkpoint's epoch, the JSON
+    files, every image path, and the training ids against the checkpoint's."""
+    check_cuda_arch()
+    if ckpt is not None and ckpt["epoch"] >= s.epochs:
+        raise CheckpointError(f"checkpoint {source} is at epoch {ckpt['epoch']}, already the last of --epochs "
+                              f"{s.epochs}; pass a larger --epochs to train further")
+    set_seed(s.seed)  # python, numpy and torch: fastai's shuffling draws from python's random
+    data = prepare_data(s)
+    if ckpt is not None:
+        check_classes(ckpt, list(data.classes), f"checkpoint {source}")
+    return data
+
+
+def claim(held: ExitStack, s: Settings, ckpt: dict | None, overwrite: bool) -> str:
+    """The run folder, held (locked) for this run until `held` closes; returns the run's id."""
+    out = Path(s.out)
+    held.enter_context(locked(out))
+    if ckpt is None:
+        claim_for_fresh(out, overwrite)
+        return new_run_id()
+    claim_for_resume(out, ckpt["plan"]["run_id"], ckpt["epoch"])
+    return ckpt["plan"]["run_id"]
+
+
+def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learner:
+    """The Learner of a run, its batch split as `plan` says (as many processes must run); the
+    settings and the plan live on it (`learn.settings`, `learn.plan`), where callbacks read them."""
+    dc = model.data_config
+    dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
+                           bs=plan.micro_bs, size=s.size, mean=dc["mean"], std=dc["std"], seed=s.seed, device=device())
+    metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
+    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs()]
+    if plan.accum > 1:
+        cbs.append(GradientAccumulation(n_acc=plan.bs // plan.processes))  # this process's pairs per step
+    if plan.processes > 1:
+        cbs.append(Distributed())
+    learn = Learner(dls, model, loss_func=DCALLoss(), opt_func=partial(Adam, eps=1e-6), lr=plan.lr, wd=s.wd,
+                    metrics=metrics, cbs=cbs, path=".", model_dir=s.out)
+    learn.settings, learn.plan = s, plan
+    if not sys.stdout.isatty():  # a log file (Kaggle, nohup) gets EpochReport's line, not progress bars
+        learn.remove_cb(ProgressCallback)
+        learn.logger = noop
+    if torch.cuda.is_available():
+        learn.to_fp16()
+    return learn
+
+
+def build(s: Settings, data: TwinData, ckpt: dict | None = None, source: str | None = None,
+          run_id: str = "") -> Learner:
+    """Images decoded, the model (pretrained, or the checkpoint's weights and optimizer state), the
+    plan (a resumed run's own), the Learner."""
+    data.decode(s.size)
+    model = DCAL.from_settings(s, len(data.classes), pretrained=s.pretrained and ckpt is None)
+    plan = make_plan(s, model, len(data.classes), run_id, Plan(**ckpt["plan"]) if ckpt else None)
+    print(f"Batch: {plan}")
+    learn = make_learner(s, plan, data, model)
+    if ckpt is not None:
+        restore(learn, ckpt, source)
+        print(f"Resuming from {source}: epoch {ckpt['epoch']} of {s.epochs} done")
+    return learn
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a notebook stopped, a job killed) stops training like Ctrl-C: with a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(s: Settings, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None,
+          overwrite: bool = False) -> dict | None:
+    """Fresh training, or (with `ckpt`, read from `source`) its continuation, in `s.out` (one run per
+    folder, locked while it runs). Returns the test report, or None when the run stopped before
+    `deadline` (a time.time() value) with a checkpoint to resume. Ctrl-C or SIGTERM: the last trained
+    epoch is saved, the resume command printed, and KeyboardInterrupt raised."""
+    data = prepare(s, ckpt, source)
+    with ExitStack() as held, sigterm_as_interrupt():
+        run_id = on_main(partial(claim, held, s, ckpt, overwrite))  # the main process alone writes
+        learn = build(s, data, ckpt, source, run_id)
+        if is_main():
+            write_run_json(Path(s.out), learn)
+        n = learn.plan.processes
+        print(f"Run {run_id} in {s.out}/" + (f", {n} processes" if n > 1 else ""))
+        return fit(learn, data, ckpt, source, deadline)
+
+
+def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, deadline: float | None) -> dict | None:
+    """Train to the end (then the test report) or to a stop. Every process trains; the main process
+    alone writes checkpoints, maps and the report, and logs to W&B."""
+    s, out = learn.settings, Path(learn.settings.out)
+    report = EpochReport(deadline)
+    cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None)]
+    run = saver = None
+    if is_main():
+        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if ckpt else None)
+        saver = Checkpoint(out, s.save_every, run_meta(learn, list(data.classes), run.id if run else None))
+        cbs.append(saver)
+        if run is not None:
+            cbs.append(Wandb(log=None, log_preds=False, log_model=False))
+        if s.glca:
+            split = "valid" if data.valid is not None else "train"
+            cbs.append(AttentionMaps(getattr(data, split), data.caches[split], out / "maps", s.map_every, n=4,
+                                     seed=s.seed))
+    try:
+        learn.fit_one_cycle(s.epochs, learn.plan.lr, cbs=cbs, start_epoch=ckpt["epoch"] if ckpt else 0)
+    except KeyboardInterrupt as e:
+        path = (saver.save_last() if saver else None) or source  # nothing trained since the resume: its own
+        why = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        print(f"\nStopped by {why} during epoch {learn.epoch + 1}. " + (
+            f"Checkpoint of the last completed epoch: {path}; continue with:\n  {launch_command(f'--resume {path}')}"
+            if path else "No epoch was completed: nothing to resume."), flush=True)
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+    if report.stopped:
+        path = epoch_path(out, learn.epoch)
+        print(f"Stopped after epoch {learn.epoch} of {s.epochs}: the next epoch would end past the time "
+              f"limit. Checkpoint {path}; continue with:\n  {launch_command(f'--resume {path}')}")
+        if run is not None:
+            run.finish()
+        return None
+    result = evaluate(learn.model, data, out)
+    t = result["test"]
+    print(f"Test (twins-only, {t['n_genuine']} genuine / {t['n_impostor']} twin-impostor pairs): "
+          f"EER {100 * t['eer']:.2f}%  AUC {t['auc']:.4f}  accuracy {100 * t['accuracy']:.2f}% at threshold "
+          f"{t['threshold']:.3f} from {t['threshold_source']}; report in {out / 'test_report.json'}")
+    if run is not None:
+        run.log({f"test/{k}": v for k, v in t.items() if isinstance(v, (int, float))}, commit=False)
+        log_figure("test/roc", out / "roc.png")
+        run.finish()
+    return result
+
+
+def find_lr(s: Settings) -> float:
+    """fastai's learning-rate finder on this model and data (no training is kept): the plot goes to
+    `out/lr_find.png`; returns the suggested peak learning rate (fastai's `valley`) at `step_pairs`."""
+    learn = build(s, prepare(s))
+    found = learn.lr_find(show_plot=False).valley
+    learn.recorder.plot_lr_find()
+    path = Path(s.out) / "lr_find.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.gcf().savefig(path, dpi=110)
+    plt.close("all")
+    suggestion = found * s.step_pairs / learn.plan.bs  # --lr is the peak at step_pairs (auto may raise the batch)
+    print(f"lr_find at {learn.plan.bs} pairs per step: valley {found:.3g}, i.e. --lr {suggestion:.3g} at the recipe's "
+          f"{s.step_pairs} pairs (the recipe's: {s.lr:.3g}); plot {path}.\n"
+          f"Train with the same flags and --lr {suggestion:.3g}, e.g. python train.py --fresh --lr {suggestion:.3g}")
+    return suggestion
+
+
+TIMED_STEPS = 20  # --check: training steps timed, after WARM_UP untimed ones
+WARM_UP = 2
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(Callback):
+    """Times training steps WARM_UP+1 .. `steps` and the validation pass, then (with `stop`) ends the fit."""
+    order = 100
+
+    def __init__(self, steps: int, stop_after_valid: bool = True):
+        self.steps, self.stop_after_valid = steps, stop_after_valid
+
+    def before_batch(self):
+        if self.training and self.iter == WARM_UP:
+            sync()
+            self.t0 = time.time()
+
+    def after_batch(self):
+        if self.training and self.iter + 1 >= self.steps:
+            sync()
+            self.step_s = (time.time() - self.t0) / (self.steps - WARM_UP) if self.steps > WARM_UP else None
+            raise CancelTrainException()
+
+    def before_validate(self):
+        if not self.stop_after_valid:
+            raise CancelFitException()
+        self.v0 = time.time()
+
+    def after_validate(self):
+        sync()
+        self.valid_s = time.time() - self.v0
+
+
+def machine() -> str:
+    if not torch.cuda.is_available():
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    major, minor = torch.cuda.get_device_capability()
+    mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {mem:.1f} GiB)"
+
+
+def check(s: Settings, time_limit_h: float | None) -> bool:
+    """`--check`: a run's steps, briefly, on the user's GPU: data, model (pretrained weights), plan,
+    timed training steps, a validation pass, a checkpoint written, read back and resumed. Prints each
+    step and the projected time of the run; returns whether every step passed."""
+    print(f"Check: {machine()}; torch {torch.__version__}, fastai {fastai.__version__}, timm {timm.__version__}")
+    stage = "data and model"
+    try:
+        data = prepare(s)  # the JSON, every image path
+        learn = build(s, data)  # every image decoded, the model, the plan
+        print(f"Check {stage}: {len(data.train.paths)} training images, model {s.arch} at {s.size} px"
+              + (" with pretrained weights" if s.pretrained else ""))
+        stage = "training steps"
+        timer = StepTimer(min(TIMED_STEPS + WARM_UP, len(learn.dls.train)))
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        learn.fit(1, learn.plan.lr, cbs=timer)
+        pairs_s = learn.plan.bs / learn.plan.accum / timer.step_s if timer.step_s else None  # all processes
+        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+                f"({torch.cuda.max_memory_reserved() / 2**30:.2f} reserved)" if torch.cuda.is_available() else "")
+        n = learn.plan.processes
+        print(f"Check {stage}: {timer.steps} steps of {learn.plan.micro_bs} pairs"
+              + (f" in each of {n} processes" if n > 1 else "") + f" ({max(timer.steps - WARM_UP, 0)} timed): "
+              + (f"{pairs_s:.1f} pairs/s" if pairs_s else "too few batches to time") + peak
+              + f"; validation pass {span(timer.valid_s)}")
+        stage = "checkpoint"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = epoch_path(tmp, 1)
+            t = time.time()
+            write_atomic(path, snapshot(learn, 1, run_meta(learn, list(data.classes), None)))
+            save_s = time.time() - t
+            ckpt = load_checkpoint(path)
+        fresh = make_learner(s, learn.plan, data, DCAL.from_settings(s, len(data.classes), pretrained=False))
+        restore(fresh, ckpt, path)
+        fresh.fit(1, learn.plan.lr, cbs=StepTimer(1, stop_after_valid=False))
+        print(f"Check {stage}: written ({span(save_s)}), read back and resumed for one step")
+    except Exception as e:  # the check reports the failing step, whatever it is
+        print(f"Check FAILED at '{stage}': {type(e).__name__}: {e}")
+        return False
+    print(f"Check passed. {f'{n} x ' if n > 1 else ''}{machine()}, {learn.plan}")
+    if pairs_s:
+        project(s, len(learn.dls.train) * learn.plan.bs / learn.plan.accum / pairs_s + timer.valid_s, save_s,
+                time_limit_h, learn.plan.accum)
+    return True
+
+
+def project(s: Settings, epoch_s: float, save_s: float, time_limit_h: float | None, accum: int) -> None:
+    """The projected time of the whole run, against the time limit (a Kaggle session without one)."""
+    total_h = (s.epochs * epoch_s + (s.epochs // s.save_every + 1) * save_s) / 3600
+    print(f"Projected: {span(epoch_s)} per epoch (training + validation), {span(3600 * total_h)} for "
+          f"{s.epochs} epochs")
+    limit = time_limit_h if time_limit_h is not None else KAGGLE_TIME_LIMIT_H
+    label = f"the time limit ({limit} h)" if time_limit_h is not None else f"a Kaggle session ({limit} h of 12)"
+    if total_h <= limit:
+        print(f"Fits {label}.")
+        return
+    print(f"Does NOT fit {label}. Options: --epochs {int(limit * 3600 // epoch_s)} (fits); a smaller --size "
+          f"(336 needs about half the compute of 448)"
+          + ("; --grad-ckpt (memory limits this GPU to micro-batches: with it, larger ones fit)" if accum > 1 else "")
+          + "; or keep the epochs and continue in a second session (the run stops with a checkpoint before "
+          "the limit; docs/kaggle.md).")

@@ -1,0 +1,83 @@
+"""What the user chose for a run: a recipe (Kaggle's, or the demo's) under the flags, frozen once;
+and what a resumed run may change of its settings. What the program derives from them on a machine
+is the run's `Plan` (twins/plan.py), kept apart."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import CheckpointError
+
+WANDB_ENTITY = "hunchoquavodb-hanoi-university-of-science-and-technology"
+# Kaggle ends a session at 12 h, and a "Save & Run All" version that runs past it keeps no output:
+# stop (with a checkpoint) before an epoch that would end past this, leaving time for the test report.
+KAGGLE_TIME_LIMIT_H = 11.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings. The defaults are the Kaggle recipe (P100 or T4, 16 GB; PLAN.md, decisions)."""
+    data: str = "data_json"
+    data_root: str | None = None
+    valid_pct: float = 0.1
+    seed: int = 42
+    arch: str = "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    size: int = 448
+    patch_size: int | None = None  # None: the arch's own
+    pretrained: bool = True
+    weights: str | None = None
+    top_r: float = 0.1
+    glca: bool = True
+    pwca: bool = True
+    grad_ckpt: bool = False
+    epochs: int = 40
+    step_pairs: int = 16  # the pairs per optimiser step that `lr` is for (the CPU's batch under bs "auto")
+    lr: float = 1e-4
+    wd: float = 0.05
+    drop_path: float = 0.1
+    bs: int | str = "auto"  # pairs per step on each GPU, or "auto": the largest that fits (twins/plan.py)
+    out: str = "models"
+    save_every: int = 5
+    map_every: int = 5
+    wandb: bool = True
+    wandb_project: str = "twins-dcal"
+    wandb_entity: str = WANDB_ENTITY
+
+
+# The CPU demo recipe: a small ViT from scratch on the set `--demo` generates in DEMO_DIR, a few minutes on 2 cores.
+DEMO_DIR = "demo"
+DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30, lr=2e-3, drop_path=0.0, top_r=0.2,
+            data=f"{DEMO_DIR}/data_json", data_root=f"{DEMO_DIR}/images")
+# What makes a checkpoint's weights fit a model.
+MODEL_KEYS = ("arch", "size", "patch_size", "glca", "pwca", "top_r")
+# What a resumed run may change: where data and output are, logging, memory, and a longer schedule.
+# Everything else would make it another run than the one it continues.
+RESUMABLE = ("data", "data_root", "out", "save_every", "map_every", "wandb", "wandb_project", "wandb_entity",
+             "grad_ckpt", "epochs")
+
+
+def fresh_settings(flags: dict, demo: bool = False) -> Settings:
+    """The recipe (the demo's with `demo`) under the flags the user gave (those not None)."""
+    return Settings(**{**(DEMO if demo else {}), **{k: v for k, v in flags.items() if v is not None}})
+
+
+def resumed_settings(saved: Settings, flags: dict, source: str) -> Settings:
+    """The settings of a resumed run: the run's own, with the flags it may take (RESUMABLE). Another
+    changed flag is refused; a longer --epochs is allowed and said out loud (the schedule is re-planned)."""
+    given = {k: v for k, v in flags.items() if v is not None and v != getattr(saved, k)}
+    model = [f"{k}: checkpoint {getattr(saved, k)!r} vs {v!r}" for k, v in given.items() if k in MODEL_KEYS]
+    if model:
+        raise CheckpointError(f"checkpoint {source} does not match this run ({'; '.join(model)})")
+    changed = [f"--{k.replace('_', '-')} {v} (the run's: {getattr(saved, k)})" for k, v in given.items()
+               if k not in RESUMABLE]
+    if changed:
+        raise CheckpointError(f"{source} continues a run whose optimisation these flags would change: "
+                              f"{'; '.join(changed)}. Start a fresh run for that (--fresh --out NEW_FOLDER)")
+    epochs = given.get("epochs")
+    if epochs is not None and epochs < saved.epochs:
+        raise CheckpointError(f"--epochs {epochs} is shorter than the run's {saved.epochs}: the one-cycle "
+                              "schedule of the run would change under it; resume without --epochs")
+    if epochs is not None:
+        print(f"--epochs {epochs}: the one-cycle schedule planned over {saved.epochs} epochs is re-planned over "
+              f"{epochs}: from here on the learning rate follows the longer schedule (a jump up at the first "
+              "resumed epoch, then a slower decay), so this is no longer the run it continues")
+    return replace(saved, **given)
