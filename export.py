@@ -18,24 +18,29 @@ import warnings
 from pathlib import Path
 
 from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
-from twins.errors import TwinsError
+from twins.errors import CheckpointError, TwinsError
 from twins.inference import inference_learner, validation_threshold
 
 
 def export(args: argparse.Namespace) -> None:
     ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
     model, s, ckpt = model_from_checkpoint(ckpt_path)
-    threshold, source = validation_threshold(model, s, args.data, args.data_root)
+    threshold, source = validation_threshold(model, s, ckpt["classes"], args.data, args.data_root)
     learn = inference_learner(model, s, ckpt, ckpt_path, threshold, source)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise CheckpointError(f"--out {out} is a folder: name the file, e.g. --out {out / 'twins.pkl'}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: never mixed with another's
     learn.path = tmp.parent
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         learn.export(tmp.name)
         os.replace(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"--out {out} cannot be written ({e.strerror or e}): pass another --out") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
     print(f"Exported {ckpt_path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']}) to {out}; "
           f"threshold {threshold:.4f} from {source}")
 

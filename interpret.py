@@ -3,10 +3,14 @@
     python interpret.py                        # test split, top 8 twin impostors + top 8 genuine pairs by loss
     python interpret.py --split valid -k 4
     python interpret.py --pair a.jpg b.jpg     # why were these two faces judged the same / different?
+    python interpret.py --summary              # over the test twins: which face parts tell them apart?
 
 Each pair: outer columns, the class-token attention rollout over each face (white squares: the patches
 GLCA selected); inner columns, the occlusion map of the pair score that explains the verdict: what made
 the two faces differ (red) or look alike (green), its strongest window outlined (twins/explain.py).
+`--summary`: the pair maps averaged over up to --pairs pairs of each kind (twins rejected: where they
+differ; twins accepted: what fooled the model; genuine pairs accepted: what stays the same), drawn over
+the mean face, with the numbers and the top windows in words (`summary_<split>.png` / `.json`).
 Figures go to --out (default models/interpret/).
 """
 import argparse
@@ -19,10 +23,11 @@ import numpy as np
 from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
 from twins.data import build_cache
 from twins.errors import TwinsError
+from twins.explain import SUMMARY_PAIRS, write_summary
 from twins.inference import (describe, figure_rows, load_split, open_learner, single_pair, top_losses,
                              validation_threshold)
 from twins.model import encode_all
-from twins.settings import Settings
+from twins.settings import COUNT, Settings
 from twins.viz import plot_pairs
 
 
@@ -40,8 +45,8 @@ def one_pair(model, s: Settings, threshold: float, paths: list[str], out: Path) 
           f"{'same person' if same[0] else 'different people'}; figure {path}")
 
 
-def top_pairs(model, s: Settings, threshold: float, args: argparse.Namespace, out: Path) -> None:
-    split = load_split(s, args.split, args.data, args.data_root)
+def top_pairs(model, s: Settings, classes: list[str], threshold: float, args: argparse.Namespace, out: Path) -> None:
+    split = load_split(s, args.split, classes, args.data, args.data_root)
     cache = build_cache(split.paths, s.size, f"{args.split} images")
     enc, scores, genuine, pairs, losses, picks = top_losses(model, split, cache, args.k)
     listing = {}
@@ -56,20 +61,36 @@ def top_pairs(model, s: Settings, threshold: float, args: argparse.Namespace, ou
     (out / "top_losses.json").write_text(json.dumps({"threshold": threshold, **listing}, indent=1))
 
 
+def summary(model, s: Settings, classes: list[str], threshold: float, args: argparse.Namespace, out: Path) -> None:
+    split = load_split(s, args.split, classes, args.data, args.data_root)
+    cache = build_cache(split.paths, s.size, f"{args.split} images")
+    rep = write_summary(model, split, cache, threshold, args.pairs, s.seed, out / f"summary_{args.split}", args.split)
+    for kind in rep["kinds"].values():
+        print(f"{kind['pairs']}: {kind['counted']} of {kind['in_split']} averaged, {kind['meaning']}:"
+              + "".join(f"\n  {t['words']}" for t in kind["top"]))
+    n = sum(k["sampled"] for k in rep["kinds"].values())
+    print(f"{out / f'summary_{args.split}.png'} and .json: {n} pairs in {rep['seconds']:.1f} s "
+          f"({n / rep['seconds']:.2f} pairs/s)")
+
+
 def interpret(args: argparse.Namespace) -> None:
     if args.ckpt or not Path(args.learner).is_file():
         path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
         model, s, ckpt = model_from_checkpoint(path)
         print(f"Model: checkpoint {path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']})")
-        threshold, _ = validation_threshold(model, s, args.data, args.data_root)
+        classes = ckpt["classes"]
+        threshold, _ = validation_threshold(model, s, classes, args.data, args.data_root)
     else:
         learn = open_learner(args.learner)
         print(f"Model: {describe(learn, Path(args.learner))}")
         model, s, threshold = learn.model.eval(), learn.twins["settings"], learn.twins["threshold"]
+        classes = learn.twins["classes"]
     if args.pair:
         one_pair(model, s, threshold, args.pair, Path(args.out))
+    elif args.summary:
+        summary(model, s, classes, threshold, args, Path(args.out))
     else:
-        top_pairs(model, s, threshold, args, Path(args.out))
+        top_pairs(model, s, classes, threshold, args, Path(args.out))
 
 
 def main(argv=None) -> None:
@@ -79,9 +100,12 @@ def main(argv=None) -> None:
                    "if absent, --ckpt or the newest checkpoint is used)")
     p.add_argument("--ckpt", help="use this checkpoint instead of the exported learner")
     p.add_argument("--split", default="test", choices=["test", "valid", "train"])
-    p.add_argument("-k", type=int, default=8, help="pairs per figure (default: %(default)s)")
+    p.add_argument("-k", type=COUNT, default=8, help="pairs per figure (default: %(default)s)")
     p.add_argument("--out", default="models/interpret", help="output folder (default: %(default)s)")
     p.add_argument("--pair", nargs=2, metavar=("IMG_A", "IMG_B"), help="explain one given pair instead")
+    p.add_argument("--summary", action="store_true", help="the pair maps averaged over the split instead")
+    p.add_argument("--pairs", type=COUNT, default=SUMMARY_PAIRS, help="with --summary: pairs of each kind "
+                   "(default: %(default)s)")
     p.add_argument("--data", help="JSON folder, if not where training found it")
     p.add_argument("--data-root", help="image folder, if not where training found it")
     args = p.parse_args(argv)

@@ -26,7 +26,8 @@ from twins.demo import make_demo  # noqa: E402
 from twins.distributed import is_main, on_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
 from twins.run import check, find_lr, train  # noqa: E402
-from twins.settings import DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, Settings, fresh_settings, resumed_settings  # noqa: E402
+from twins.settings import (COUNT, DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, SHARE, Settings, fresh_settings,  # noqa: E402
+                            ranged, resumed_settings)
 
 MODES = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite", "demo")  # how to run, not the run's settings
 
@@ -41,9 +42,7 @@ def default(key: str) -> str:
 def batch_size(text: str):
     if text == "auto":
         return text
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected a positive number of pairs or 'auto', got {text!r}")
+    return ranged(int, lambda v: v >= 1, "a number of pairs of at least 1, or auto")(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,33 +56,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder, no training")
     run.add_argument("--out", help=f"run folder, one run each ({default('out')}; resume: the checkpoint's)")
     run.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
-    run.add_argument("--save-every", type=int, help=f"checkpoint every N epochs, and the last ({default('save_every')})")
+    run.add_argument("--save-every", type=COUNT, help=f"checkpoint every N epochs, and the last ({default('save_every')})")
     run.add_argument("--demo", action="store_true", help=f"generate (once) and use the demo set in {DEMO_DIR}/, "
                      "with the CPU demo recipe")
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"folder with the four JSON files ({default('data')})")
     data.add_argument("--data-root", help="folder the JSON's image paths are looked up under, e.g. /kaggle/input/nd-twin")
-    data.add_argument("--valid-pct", type=float, help=f"share of training families held out ({default('valid_pct')})")
+    data.add_argument("--valid-pct", type=SHARE, help=f"share of training families held out ({default('valid_pct')})")
     data.add_argument("--seed", type=int, help=f"seed of the split, pairs and model ({default('seed')})")
     model = p.add_argument_group("model")
     model.add_argument("--arch", help=f"timm ViT with a class token ({default('arch')})")
-    model.add_argument("--size", type=int, help=f"square input size in pixels ({default('size')})")
-    model.add_argument("--patch-size", type=int, help=f"the backbone's patch size ({default('patch_size')})")
+    model.add_argument("--size", type=COUNT, help=f"square input size in pixels ({default('size')})")
+    model.add_argument("--patch-size", type=COUNT, help=f"the backbone's patch size ({default('patch_size')})")
     model.add_argument("--no-pretrained", dest="pretrained", action="store_const", const=False,
                        help="random init instead of pretrained weights")
     model.add_argument("--weights", metavar="FILE", help="pretrained weights from a file (a timm state dict) instead "
                        "of the download")
-    model.add_argument("--top-r", type=float, help=f"GLCA: share of patches selected by rollout ({default('top_r')})")
+    model.add_argument("--top-r", type=ranged(float, lambda v: 0 < v <= 1, "a share above 0, at most 1"), help=f"GLCA: share of patches selected by rollout ({default('top_r')})")
     model.add_argument("--no-glca", dest="glca", action="store_const", const=False, help="ablation: no GLCA branch")
     model.add_argument("--no-pwca", dest="pwca", action="store_const", const=False,
                        help="ablation: no PWCA branch (with --no-glca: the plain ViT)")
     schedule = p.add_argument_group("schedule")
-    schedule.add_argument("--epochs", type=int, help=f"epochs of the one-cycle schedule ({default('epochs')})")
-    schedule.add_argument("--lr", type=float, help=f"peak learning rate at {Settings.step_pairs} pairs per step ({default('lr')})")
-    schedule.add_argument("--wd", type=float, help=f"AdamW weight decay ({default('wd')})")
-    schedule.add_argument("--drop-path", type=float, help=f"stochastic depth rate ({default('drop_path')})")
+    schedule.add_argument("--epochs", type=COUNT, help=f"epochs of the one-cycle schedule ({default('epochs')})")
+    schedule.add_argument("--lr", type=ranged(float, lambda v: v > 0, "a learning rate above 0"), help=f"peak learning rate at {Settings.step_pairs} pairs per step ({default('lr')})")
+    schedule.add_argument("--wd", type=ranged(float, lambda v: v >= 0, "a weight decay of at least 0"), help=f"AdamW weight decay ({default('wd')})")
+    schedule.add_argument("--drop-path", type=SHARE, help=f"stochastic depth rate ({default('drop_path')})")
     logging = p.add_argument_group("logging")
-    logging.add_argument("--map-every", type=int, help=f"attention maps every N epochs ({default('map_every')})")
+    logging.add_argument("--map-every", type=COUNT, help=f"attention maps every N epochs ({default('map_every')})")
     logging.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
     logging.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
     logging.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging")
@@ -92,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"(default: auto; {Settings.step_pairs} on the CPU)")
     gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
                      "pass: less memory per pair, about 20%% more time")
-    gpu.add_argument("--time-limit", type=float, metavar="HOURS", help="stop with a checkpoint before an epoch would "
+    gpu.add_argument("--time-limit", type=ranged(float, lambda v: v >= 0, "hours, at least 0"), metavar="HOURS", help="stop with a checkpoint before an epoch would "
                      f"end past HOURS (Kaggle: {KAGGLE_TIME_LIMIT_H})")
     args = p.parse_args(argv)
     if (args.check or args.lr_find or args.overwrite) and not args.fresh:
@@ -130,7 +129,7 @@ def main(argv=None) -> None:
                 on_main(lambda: make_demo(DEMO_DIR))  # one writer; the others wait for it
         else:
             source = checkpoint_path(args.resume)
-            ckpt = load_checkpoint(source)
+            ckpt = load_checkpoint(args.resume)
             if args.out is None:  # beside the checkpoint it continues, unless that is read-only input
                 writable = os.access(source.parent, os.W_OK)
                 flags["out"] = str(source.parent) if writable else Settings.out

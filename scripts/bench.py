@@ -5,6 +5,7 @@ of DCAL against the plain ViT siamese baseline at the same batch.
     python -m scripts.bench --arch vit_small_patch16_224 --patch-size 16 --size 224 --bs 4 --reps 2
     python -m scripts.bench --flops-only --arch vit_small_patch16_224 --sizes 224 336 448
     python -m scripts.bench --memory-only --arch vit_small_patch16_224 --patch-size 16 --size 448 --bs 1
+    python -m scripts.bench --maps-only 2 --arch vit_small_patch16_224 --patch-size 16 --size 448
 """
 import argparse
 import resource
@@ -19,8 +20,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from twins.settings import DEMO, Settings
 from twins.data import Split, pair_dataloaders
+from twins.explain import KINDS, summary_maps, windows
 from twins.loss import DCALLoss
-from twins.model import DCAL, mixed_precision
+from twins.model import DCAL, encode_all, mixed_precision
 
 
 def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = False) -> DCAL:
@@ -106,6 +108,31 @@ def peak_memory(args) -> None:
           + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" {unit}")
 
 
+def summary_speed(args, dev) -> None:
+    """The pair-map summary (`interpret.py --summary`) on `args.maps_only` random pairs: pairs/s, and
+    the FLOPs of one pair's maps (counted with explicit attention)."""
+    model = build(args.arch, args.size, args.patch_size, True).to(dev).eval()
+    n = args.maps_only
+    cache = torch.randint(0, 256, (2 * n, 3, args.size, args.size), dtype=torch.uint8)
+    pairs = np.arange(2 * n).reshape(n, 2)
+    emb = model.embedding(encode_all(model, cache))
+    picks = {"differ": np.arange(n)} | {k: np.arange(0) for k in KINDS if k != "differ"}
+    summary_maps(model, cache[:2], emb[:2], pairs[:1], {"differ": np.arange(1)})  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.time()
+    summary_maps(model, cache, emb, pairs, picks)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    took = time.time() - t
+    counted = build(args.arch, args.size, args.patch_size, True, fused=False).eval()
+    with torch.no_grad():  # one left-out sequence, times the sequences of a pair (all windows of both faces + 2)
+        seq = counted.tokens(torch.randn(1, 3, args.size, args.size))[:, :-len(windows(counted)[0])]
+        gflop = flops(lambda: counted.encode_tokens(seq)) * (2 * len(windows(counted)) + 2) / 1e9
+    print(f"pair-map summary at {args.size}: {n} pairs in {took:.1f} s = {n / took:.3f} pairs/s; "
+          f"{gflop:.1f} GFLOP per pair")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default=DEMO["arch"])
@@ -116,6 +143,7 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--flops-only", action="store_true")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument("--maps-only", type=int, metavar="PAIRS", help="time the pair-map summary on this many pairs")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--explicit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -127,6 +155,8 @@ def main():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; arch {args.arch}, patch {args.patch_size or 'default'}")
+    if args.maps_only:
+        return summary_speed(args, dev)
     loss_fn = DCALLoss()
     print("\n| size | tokens | params plain | params DCAL | GFLOP train pair plain | GFLOP train pair DCAL | "
           "GFLOP eval image plain | GFLOP eval image DCAL |")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from twins.explain import occlusion_map
+from twins.explain import occlusion_maps
 from twins.model import DCAL, check_cuda_arch, mixed_precision
 from twins.plan import training_step
 from twins.run import sync
@@ -90,9 +90,9 @@ def map_precision() -> dict:
         other = model.embed(x[1:])[0]
     t = time.time()
     with mixed_precision(DEV):
-        low = occlusion_map(model, x[0], other).flatten()
+        low = occlusion_maps(model, x[:1], other[None])[0].flatten()
     low_s = time.time() - t
-    full = occlusion_map(model, x[0], other).flatten()
+    full = occlusion_maps(model, x[:1], other[None])[0].flatten()
     corr = float(torch.corrcoef(torch.stack([low, full]))[0, 1])
     return {"size": s.size, "windows": len(full), "seconds_per_face": low_s, "fp32_range": float(full.abs().max()),
             "max_abs_diff": float((low - full).abs().max()), "correlation": corr,

@@ -2,7 +2,7 @@
 repository root). Each case injects one realistic bug into the code, runs the test that pins that
 behaviour, restores the file, and prints CAUGHT or MISSED.
 
-    python -m scripts.inject_bugs               # every case (about 6 minutes on 2 CPU cores)
+    python -m scripts.inject_bugs               # every case (about 25 minutes on 2 CPU cores)
     python -m scripts.inject_bugs PWCA resume   # the cases whose name contains one of these words
 """
 import os
@@ -33,17 +33,43 @@ CASES = [
  ("shards as contiguous blocks (as fastai's DistributedDL)", "twins/data.py", "    mine = [i for k in range(0, full, step) for i in order[k + rank * bs:k + (rank + 1) * bs]]", "    mine = order[rank * full // world:(rank + 1) * full // world]", "tests/test_distributed.py", "shard_rule"),
  ("validation embeddings not gathered", "twins/metrics.py", "learn.to_detach(learn.pred[\"emb_a\"])", "learn.pred[\"emb_a\"].detach().cpu()", "tests/test_distributed.py", "anchor_once"),
  ("one augmentation stream in every process", "twins/data.py", "[self.dls.train.dataset.seed, self.epoch, rank()]", "[self.dls.train.dataset.seed, self.epoch]", "tests/test_distributed.py", "anchor_once"),
- ("every process writes", "twins/run.py", "    if is_main():\n        run = start_wandb", "    if True:\n        run = start_wandb", "tests/test_distributed.py", "writes_once"),
+ ("every process writes", "twins/run.py", "    if is_main():\n        same_run = ckpt", "    if True:\n        same_run = ckpt", "tests/test_distributed.py", "writes_once"),
  ("test embeddings gathered out of order", "twins/evaluate.py", "    return torch.cat(gather(part))", "    return torch.cat(gather(part)[::-1])", "tests/test_distributed.py", "writes_once"),
  ("random draws not reseeded each epoch", "twins/data.py", "        set_seed(int(np.random.SeedSequence(", "        (lambda s: None)(int(np.random.SeedSequence(", "tests/test_runs.py", "uninterrupted"),
  ("resume keeps the old process split", "twins/plan.py", "        return reshare(saved, n)", "        return saved", "tests/test_distributed.py", "resumes_in_one_process"),
  ("arch check wants the exact sm_XY", "twins/model.py", 'arch_version(a) // 10 == capability[0] if a.startswith("sm_")', 'arch_version(a) == cc if a.startswith("sm_")', "tests/test_gpu_paths.py", "major_version"),
- ("pair-map scores taken under autocast", "twins/explain.py", '    out = model.encode_tokens(tokens)\n    with torch.autocast(tokens.device.type, enabled=False):\n        return model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) @ other.float()', "    return (model.embedding(model.encode_tokens(tokens)).float() @ other).float()", "tests/test_explain.py", "True"),
+ ("pair-map scores taken under autocast", "twins/explain.py", '    out = model.encode_tokens(tokens)\n    with torch.autocast(tokens.device.type, enabled=False):\n        return (model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) * others.float()).sum(-1)', '    return torch.einsum("bd,bd->b", model.embedding(model.encode_tokens(tokens)), others).float()', "tests/test_explain.py", "True"),
  ("encoding ignores the caller's autocast", "twins/model.py", "with mixed_precision(dev):", 'with torch.autocast(dev.type, enabled=dev.type == "cuda"):', "tests/test_gpu_paths.py", "embeddings"),
  ("inference model left on the CPU", "twins/checkpoint.py", "return model.to(dev or device()).eval()", "return model.eval()", "tests/test_gpu_paths.py", "device_asked"),
  ("batch probe: one step, no optimizer state", "twins/plan.py", "            if allocated:\n                return", "            return", "tests/test_gpu_paths.py", "probe"),
  ("settings written around frozen", "twins/plan.py", "    plan = from_fits(fits, s.step_pairs, s.lr, n, run_id)\n", "    plan = from_fits(fits, s.step_pairs, s.lr, n, run_id)\n    object.__setattr__(s, 'lr', plan.lr)\n", "tests/test_settings.py", "frozen"),
  ("derived batch stored as the user's", "twins/run.py", "    learn = make_learner(s, plan, data, model)\n", "    learn = make_learner(__import__('dataclasses').replace(s, bs=plan.bs), plan, data, model)\n", "tests/test_settings.py", "derives"),
+ ("summary pairs not normalised", "twins/explain.py", "    return part / total if total > 0 else None", "    return part if total > 0 else None", "tests/test_explain.py", "weighs"),
+ ("summary counts one face of a pair", "twins/explain.py", "    part = (sign * delta_a).clamp(min=0) + (sign * delta_b).clamp(min=0)", "    part = 2 * (sign * delta_a).clamp(min=0)", "tests/test_explain.py", "weighs"),
+ ("summary scores a face against itself", "twins/explain.py", "emb[np.concatenate([b, a])]", "emb[np.concatenate([a, b])]", "tests/test_explain.py", "mean_of"),
+ ("demo records the level brow", "twins/demo.py", "    cx, by, tilt = 0.5 + dx,", "    cx, by, tilt = 0.5 - dx,", "tests/test_data.py", "every_difference"),
+ ("GLCA rollout from the PWCA stream", "twins/model.py", "probs = attention_probs(blk.attn, q[:n], k[:n])", "probs = attention_probs(blk.attn, q[-n:], k[-n:])", "tests/test_model.py", "sa_stream_s_rollout"),
+ ("class centres not normalised", "twins/model.py", "F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))", "F.linear(F.normalize(x, dim=-1), self.weight)", "tests/test_model.py", "cosine_whatever"),
+ ("embedding parts not normalised", "twins/model.py", 'parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])', 'parts = [out["sa"]] + ([out["glca"]] if "glca" in out else [])', "tests/test_model.py", "weighs_sa"),
+ ("inference mean and std swapped", "twins/model.py", 'for k in ("mean", "std"))', 'for k in ("std", "mean"))', "tests/test_model.py", "own_mean"),
+ ("loader mean and std swapped", "twins/run.py", 'mean=dc["mean"], std=dc["std"]', 'mean=dc["std"], std=dc["mean"]', "tests/test_model.py", "own_mean"),
+ ("data-root: the shortest tail first", "twins/data.py", "        for start in range(len(parts)):", "        for start in reversed(range(len(parts))):", "tests/test_data.py", "longest"),
+ ("a repeated JSON key keeps the last", "twins/data.py", ", object_pairs_hook=no_repeats)", ")", "tests/test_refusals.py", "read_as_written"),
+ ("a twin pair listed twice is taken", "twins/data.py", "    if twice:  # its impostor pairs", "    if False:  # its impostor pairs", "tests/test_refusals.py", "read_as_written"),
+ ("two entries, one file", "twins/data.py", "    if shared:  # one photo", "    if False:  # one photo", "tests/test_refusals.py", "one_file"),
+ ("EXIF orientation ignored", "twins/data.py", "    im = ImageOps.exif_transpose(im)", "    pass", "tests/test_refusals.py", "upright"),
+ ("a NaN loss trains on", "twins/run.py", "RedrawPairs(), StopOnNaN()]", "RedrawPairs()]", "tests/test_refusals.py", "diverging"),
+ ("a NaN checkpoint loads", "twins/checkpoint.py", '    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):', "    if False:", "tests/test_refusals.py", "diverging"),
+ ("checkpoint epoch from every digit", "twins/checkpoint.py", r'm = re.fullmatch(r"ep(\d+)\.pth", path.name)', r'm = re.fullmatch(r"ep(\d+)\.pth", "ep" + re.sub(r"\D", "", path.stem) + ".pth")', "tests/test_refusals.py", "exact_epoch"),
+ ("export takes edited training ids", "twins/inference.py", '    check_classes({"classes": classes}, list(prepared.classes), "this model")', "    pass", "tests/test_refusals.py", "training_ids"),
+ ("a failed checkpoint write trains on", "twins/callbacks.py", "            except OSError as e:\n                self.failed", "            except ValueError as e:\n                self.failed", "tests/test_refusals.py", "full_disk"),
+ ("size not tiled by the patches", "twins/model.py", "        if img_size % patch:", "        if False:", "tests/test_refusals.py", "tile or before_decoding"),
+ ("more pairs per step than images", "twins/run.py", '    if s.bs != "auto" and s.bs > len(data.train.paths):', "    if False:", "tests/test_refusals.py", "before_decoding"),
+ ("W&B online trusted without a network", "twins/tracking.py", '    if asked and asked != "online":', "    if asked:", "tests/test_refusals.py", "wandb_asked_online"),
+ ("checkpoints loaded as any pickle", "twins/checkpoint.py", "weights_only=True)  # a pickled object could run code", "weights_only=False)", "tests/test_refusals.py", "only_tensors"),
+ ("a branch keeps its parent's run id", "twins/run.py", '    run_id = ckpt["plan"]["run_id"] if same else new_run_id()', '    run_id = ckpt["plan"]["run_id"]', "tests/test_refusals.py", "two_resumes"),
+ ("hub missing read as a bad --arch", "twins/model.py", '            if "huggingface_hub" in str(e):', "            if False:", "tests/test_refusals.py", "cannot_use_the_hub"),
+ ("export writes over a folder", "export.py", "    if out.is_dir():", "    if False:", "tests/test_refusals.py", "export_to_a_folder"),
  ("grad-ckpt recomputes the discarded maps", "twins/model.py", 'if self.use_glca and not getattr(self, "recomputing", False):', "if self.use_glca:", "tests/test_gpu_paths.py", "recompute"),
 ]
 

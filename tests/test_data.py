@@ -184,12 +184,19 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     assert torch.allclose(va[0][0], first, atol=1e-6)
 
 
-def test_demo_records_where_the_marks_are():
+def test_demo_records_where_every_difference_is_the_marks_and_the_slanted_brow():
     from twins.demo import MARK_RADIUS, _family, _person_marks, draw_face
     rng = np.random.default_rng(5)
     fam, marks = _family(rng), _person_marks(rng, [])
-    with_marks, places = draw_face(fam, marks, np.random.default_rng(9), 128)
-    without, _ = draw_face(fam, {**marks, "marks": []}, np.random.default_rng(9), 128)  # same pose and light
+    with_marks, places, brow = draw_face(fam, {**marks, "brow_tilt": 0.03}, np.random.default_rng(9), 128)
+    level, _, _ = draw_face(fam, {**marks, "brow_tilt": 0.0}, np.random.default_rng(9), 128)  # same pose and light
+    diff = np.abs(np.asarray(with_marks, float) - np.asarray(level, float)).sum(-1)
+    (x0, y0), (x1, y1) = np.array(brow) * 128
+    yy, xx = np.nonzero(diff > 60)
+    assert len(xx) > 10  # the slant shows ...
+    t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+    assert np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0)).max() < 0.035 * 128  # ... only along the recorded brow
+    without, _, _ = draw_face(fam, {**marks, "brow_tilt": 0.03, "marks": []}, np.random.default_rng(9), 128)
     diff = np.abs(np.asarray(with_marks, float) - np.asarray(without, float)).sum(-1)
     assert len(places) == len(marks["marks"])
     for x, y in places:
@@ -226,3 +233,10 @@ def test_training_draws_the_pairs_of_each_epoch_from_seed_and_epoch(tiny_demo):
         expected, _ = sample_pairs(ds.split, np.random.default_rng([s.seed, epoch]))
         assert np.array_equal(partner.numpy(), expected), epoch
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+def test_data_root_resolution_prefers_the_longest_existing_tail(tmp_path):
+    jpeg(tmp_path / "root" / "90003" / "90003d13.jpg", value=10)
+    jpeg(tmp_path / "root" / "90003d13.jpg", value=200)  # another photo with the same file name
+    foreign = "/home/user/Work/Dataset/ND_TWIN/90003/90003d13.jpg"
+    assert resolve_path(foreign, tmp_path / "root") == tmp_path / "root" / "90003" / "90003d13.jpg"

@@ -123,8 +123,10 @@ def test_a_two_process_run_writes_once_and_its_metrics_are_one_process_s(two_pro
     assert out.count("Run ") == 1 and "2 processes" in out  # one process prints
     assert "Batch: 8 pairs per optimiser step (2 processes x 4), peak lr 0.001" in out
     models = work / "models"
-    assert sorted(f.name for f in models.iterdir()) == ["ep1.pth", "ep2.pth", "ep3.pth", "maps", "roc.png",
-                                                        "run.json", "test_report.json"]  # no lock, no temporary
+    names = sorted(f.name for f in models.iterdir())
+    assert [n for n in names if not n.startswith("summary.")] == ["ep1.pth", "ep2.pth", "ep3.pth", "maps", "roc.png",
+                                                                   "run.json", "test_report.json"]  # no lock, no temporary
+    assert ("summary.png" in names) == ("summary.json" in names) and out.count("Pair-map summary") == 1  # the writer's
     assert len(list((work / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per process
     ckpt = load_checkpoint(models / "ep3.pth")
     assert ckpt["plan"]["processes"] == 2 and ckpt["plan"]["bs"] == 8 and ckpt["settings"]["bs"] == 4

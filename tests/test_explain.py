@@ -1,11 +1,16 @@
-"""Pair maps: the occlusion map of the pair score is what it says it is."""
+"""Pair maps: the occlusion map of the pair score is what it says it is, and their summary over a split
+is the mean of the maps `explain` draws."""
+import json
+
 import matplotlib
 import numpy as np
 import pytest
 import torch
 
-from twins.explain import occlusion_map, pair_maps, window_size, windows
-from twins.model import DCAL
+from helpers import run
+from twins.explain import (KINDS, occlusion_maps, pair_kinds, pair_maps, pair_share, summary_maps, summary_pairs,
+                           window_size, windows)
+from twins.model import DCAL, encode_all
 from twins.viz import plot_pairs, verdict_map
 
 matplotlib.use("Agg")
@@ -37,8 +42,10 @@ def test_each_value_is_the_score_change_when_its_window_is_left_out(size, patch,
         other = model.embed(x[1:])[0]
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     with precision:
-        delta = occlusion_map(model, x[0], other)
-    assert window_size(model) == window and delta.shape == (grid, grid)
+        maps = occlusion_maps(model, x[[0, 0]], torch.stack([other, -other]), bs=5)
+    delta = maps[0]  # batches of 5 sequences mix the faces: each face is scored against its own row
+    assert window_size(model) == window and maps.shape == (2, grid, grid)
+    assert torch.allclose(maps[1], -delta, atol=1e-5)  # the same face against -other: every change reversed
     n = model.vit.patch_embed.grid_size[1]
     for r, c in ((1, 2), (2, 1), (grid - 1, grid - 1)):  # rows and columns not swapped; the edge window too
         patches = {p for p in range(n * n) if p // n // window == r and p % n // window == c}
@@ -63,3 +70,55 @@ def test_a_face_against_itself_only_loses_by_occlusion_and_the_verdict_map_follo
                heat_b=torch.rand(4, 4), mask_a=torch.zeros(4, 4), mask_b=torch.zeros(4, 4), caption_a="a",
                caption_b="b", delta_a=delta_a, delta_b=delta_b, same=True)
     assert len(plot_pairs([row, row]).axes) == 8  # rollout, map, map, rollout for each pair
+
+
+def test_a_pair_weighs_the_same_in_a_summary_whatever_its_scale_and_both_faces_count():
+    da, db = torch.tensor([[1.0, -1.0], [0.0, 2.0]]), torch.tensor([[0.5, 0.0], [-3.0, 0.5]])
+    assert torch.allclose(pair_share(da, db, 1.0), torch.tensor([[1.5, 0.0], [0.0, 2.5]]) / 4)  # dissimilarity
+    assert torch.allclose(pair_share(da, db, -1.0), torch.tensor([[0.0, 1.0], [3.0, 0.0]]) / 4)  # similarity
+    assert torch.allclose(pair_share(10 * da, 10 * db, 1.0), pair_share(da, db, 1.0))
+    assert pair_share(-da.abs(), -db.abs(), 1.0) is None  # nothing made them differ: no part in the mean
+
+
+def test_summary_samples_are_reproducible_of_their_kind_and_at_most_n():
+    rng = np.random.default_rng(0)
+    scores, genuine = rng.random(200), rng.random(200) < 0.4
+    kinds = pair_kinds(scores, genuine, 0.5)
+    a, b = summary_pairs(kinds, 10, seed=3), summary_pairs(kinds, 10, seed=3)
+    for k in KINDS:
+        assert np.array_equal(a[k], b[k]) and len(a[k]) == min(10, kinds[k].sum()) and kinds[k][a[k]].all()
+        assert np.array_equal(a[k], np.sort(a[k]))
+    assert not np.array_equal(a["same"], summary_pairs(kinds, 10, seed=4)["same"])
+    assert (~genuine[a["differ"]]).all() and (scores[a["differ"]] < 0.5).all() and (scores[a["fooled"]] >= 0.5).all()
+    assert summary_pairs(kinds, 1000, seed=3)["same"].size == kinds["same"].sum()
+
+
+def test_the_summary_is_the_mean_of_each_pair_s_explain_maps(tmp_path):
+    torch.manual_seed(2)
+    model = DCAL("test_vit", 5, 32, pretrained=False, top_r=0.25, patch_size=8).eval()
+    cache = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    pairs = np.array([[0, 1], [2, 3], [4, 5], [0, 3], [1, 4]])
+    picks = {"differ": np.array([0, 2, 4]), "fooled": np.array([1]), "same": np.array([3])}
+    emb = model.embedding(encode_all(model, cache))
+    got = summary_maps(model, cache, emb, pairs, picks, chunk=2)  # chunks mix kinds and split the pairs unevenly
+    for kind, idx in picks.items():
+        shares = [pair_share(*pair_maps(model, cache[pairs[k]])[1:], KINDS[kind][1]) for k in idx]  # as explain() draws them
+        shares = [x for x in shares if x is not None]
+        mean, counted = got[kind]
+        assert counted == len(shares) > 0 and torch.allclose(mean, torch.stack(shares).mean(0), atol=1e-6), kind
+        assert mean.sum().item() == pytest.approx(1.0)
+
+
+def test_interpret_summary_writes_the_figure_the_numbers_and_the_words(fresh_run):
+    work, data, p = fresh_run
+    assert (work / "models" / "summary.png").is_file() or "Pair-map summary skipped" in p.stdout
+    run(["--ckpt", "models/ep7", "--summary", "--pairs", "3", "--out", "summ", *data], work, script="interpret.py")
+    rep = json.loads((work / "summ" / "summary_test.json").read_text())
+    assert (work / "summ" / "summary_test.png").stat().st_size > 5000
+    assert set(rep["kinds"]) == set(KINDS) and rep["pairs_per_kind"] == 3 and rep["split"] == "test"
+    for kind in rep["kinds"].values():
+        assert kind["counted"] <= kind["sampled"] == min(3, kind["in_split"])
+        if kind["counted"]:
+            assert np.array(kind["map"]).sum() == pytest.approx(1.0) and len(kind["top"]) == 3
+            assert kind["top"][0]["share"] == max(np.array(kind["map"]).flatten())
+            assert "of the face" in kind["top"][0]["words"]

@@ -315,3 +315,54 @@ def test_evaluation_embeddings_come_from_the_model_in_eval_mode():
     x = (cache.float() / 255 - 0.5) / 0.5  # test_vit's mean = std = 0.5
     with torch.no_grad():
         assert torch.allclose(first, model.eval().embed(x), atol=1e-5)
+
+
+def test_glca_selects_by_the_sa_stream_s_rollout_in_training_too():
+    """Decision 4: the rollout is the SA stream's; PWCA's stream (keys and values of two images) never chooses."""
+    model = small().train()  # drop-path 0 and no dropout: the SA stream computes what eval computes
+    x = torch.randn(4, 3, 32, 32)
+    partner = torch.arange(4).roll(2)
+    trained = model.encode(x, partner)  # with gradient, as in training
+    with torch.no_grad():
+        alone = model.eval().encode(x)
+    assert torch.allclose(trained["rollout"], alone["rollout"], atol=1e-6)
+    assert torch.equal(trained["selected"], alone["selected"])
+
+
+def test_the_classifier_is_a_cosine_whatever_the_scale_of_its_centres():
+    model = small()
+    x = torch.randn(6, model.vit.embed_dim)
+    before = model.sa_head(x)
+    with torch.no_grad():
+        model.sa_head.weight.mul_(torch.rand(5, 1) * 10 + 0.1)  # each class centre rescaled
+    assert torch.allclose(model.sa_head(x), before, atol=1e-6) and before.abs().max() <= 1 + 1e-6
+    assert torch.allclose(before, torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(
+        model.sa_head.weight, dim=-1).T, atol=1e-6)
+
+
+def test_the_embedding_weighs_sa_and_glca_equally_whatever_their_scales():
+    """Decision 9: each part L2-normalised, then the concatenation."""
+    model = small()
+    out = {"sa": torch.randn(3, 64), "glca": torch.randn(3, 64) * 50}
+    emb = model.embedding(out)
+    assert torch.allclose(emb[:, :64].norm(dim=1), torch.full((3,), 0.5 ** 0.5), atol=1e-6)
+    assert torch.allclose(emb[:, 64:].norm(dim=1), torch.full((3,), 0.5 ** 0.5), atol=1e-6)
+    assert torch.allclose(model.embedding({"sa": out["sa"] * 7, "glca": out["glca"]}), emb, atol=1e-6)
+
+
+def test_images_are_normalised_with_the_backbone_s_own_mean_and_std(tiny_demo):
+    """deit_* backbones use ImageNet's mean and std (not 0.5 / 0.5): inference and the loaders must use them."""
+    from twins.model import normalise
+    from twins.run import build, prepare
+    from twins.settings import fresh_settings
+    json_dir, images = tiny_demo
+    s = fresh_settings(dict(arch="deit_tiny_patch16_224", size=32, pretrained=False, bs=4, data=str(json_dir),
+                            data_root=str(images), wandb=False, valid_pct=0.25))
+    learn = build(s, prepare(s))
+    dc = learn.model.data_config
+    mean, std = (torch.tensor(dc[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    assert not torch.allclose(mean, std)
+    cache = learn.dls.valid.dataset.cache
+    expected = (cache[:4].float() / 255 - mean) / std
+    assert torch.allclose(normalise(learn.model, cache[:4]), expected, atol=1e-5)
+    assert torch.allclose(learn.dls.valid.one_batch()[0].cpu(), expected, atol=1e-5)  # the validation loader's

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.wandb import WandbCallback
 from fastai.learner import Recorder
 
@@ -85,6 +86,20 @@ class EveryNEpochs(Callback):
         raise NotImplementedError
 
 
+class StopOnNaN(TerminateOnNaNCallback):
+    """fastai's check of every training loss; what went wrong is left in `learn.diverged` (what to do,
+    for `run.fit` to raise): fastai's own only cancels the fit, and the run would go on to a report of
+    NaN embeddings."""
+
+    def after_batch(self):
+        try:
+            super().after_batch()
+        except CancelFitException:
+            self.learn.diverged = (f"the training loss became {float(self.loss.detach())} in epoch {self.epoch + 1} "
+                                   f"(step {self.iter + 1})")
+            raise
+
+
 class Checkpoint(EveryNEpochs):
     """`ep{N}.pth` (N = epochs completed) in `folder` every `every` epochs and at the end, with `meta`
     (`checkpoint.run_meta`). The last trained epoch is also kept in memory, so that a run
@@ -95,26 +110,36 @@ class Checkpoint(EveryNEpochs):
         super().__init__(every)
         self.folder, self.meta = Path(folder), meta
         self.last = self.saved = None  # (epoch, serialised checkpoint) of the last trained epoch; epoch on disk
+        self.failed = None  # why the last write failed (a full disk): the run stops
 
     def after_epoch(self):
         if self.trained:
+            if not all(p.isfinite().all() for p in self.model.parameters()):  # never a NaN checkpoint
+                self.learn.diverged = f"the weights became NaN or infinite in epoch {self.epoch + 1}"
+                raise CancelFitException()
             self.last = (self.epoch + 1, snapshot(self.learn, self.epoch + 1, self.meta))
         super().after_epoch()
 
     def act(self, done: int):
-        self.save_last()
+        if self.save_last() is None:
+            raise CancelFitException()  # no training without its checkpoints
 
     def after_fit(self):
         self.save_last()
 
     def save_last(self) -> Path | None:
-        """Write the last trained epoch's checkpoint unless it is on disk already; returns its path."""
+        """Write the last trained epoch's checkpoint unless it is on disk already; returns its path, or
+        None when there is none or it cannot be written (`failed` says why)."""
         if self.last is None:
             return None
         done, data = self.last
         path = epoch_path(self.folder, done)
         if self.saved != done:
-            write_atomic(path, data)
+            try:
+                write_atomic(path, data)
+            except OSError as e:
+                self.failed = f"{path} could not be written ({e.strerror or e})"
+                return None
             self.saved = done
         return path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from .settings import Settings
 
 REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes")
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
-RUN_FILES = ("ep*.pth", "run.json", "test_report.json", "roc.png", "maps", "twins.pkl", "interpret")
+RUN_FILES = ("ep*.pth", "run.json", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
 LOCK = ".lock"
 
 
@@ -43,16 +44,21 @@ def epoch_path(folder: str | Path, epoch: int) -> Path:
     return Path(folder) / f"ep{epoch}.pth"
 
 
-def checkpoint_epoch(path: Path) -> int:
-    """The epoch an `ep{N}.pth` file holds, from its name."""
-    return int(re.sub(r"\D", "", path.stem) or 0)
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch an `ep{N}.pth` file holds, from its name; None for any other name (`ep2_backup1.pth`)."""
+    m = re.fullmatch(r"ep(\d+)\.pth", path.name)
+    return int(m[1]) if m else None
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The `ep{N}.pth` files of a folder, by epoch."""
+    return sorted((p for p in Path(folder).glob("ep*.pth") if checkpoint_epoch(p) is not None), key=checkpoint_epoch)
 
 
 def newest_checkpoint(folder: str | Path) -> Path:
-    found = sorted(Path(folder).glob("ep*.pth"), key=checkpoint_epoch)
+    found = checkpoints(folder)
     if not found:
-        raise CheckpointError(f"no checkpoint ep*.pth in {folder}/; train first (python train.py --fresh) "
-                              "or pass --ckpt")
+        raise CheckpointError(f"no checkpoint ep<N>.pth in {folder}/; train first (python train.py --fresh)")
     return found[-1]
 
 
@@ -96,10 +102,13 @@ def run_meta(learn: Learner, classes: list[str], wandb_id: str | None) -> dict:
 def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
     change it): model (without DDP's wrapper), optimizer, epochs completed, run state and `meta`
-    (config, training ids, W&B run id)."""
+    (`run_meta`). Only tensors and plain values, so that it loads with `weights_only=True`: fastai's
+    optimizer keeps its hyper-parameters in a fastcore `L` of numpy floats."""
+    opt = learn.opt.state_dict()
+    opt = {"state": opt["state"], "hypers": [{k: float(v) for k, v in h.items()} for h in opt["hypers"]]}
     buf = io.BytesIO()
-    torch.save({"model": bare(learn.model).state_dict(), "opt": learn.opt.state_dict(), "epoch": epoch,
-                "run_state": run_state(learn), **meta}, buf)
+    torch.save({"model": bare(learn.model).state_dict(), "opt": opt, "epoch": epoch, "run_state": run_state(learn),
+                **meta}, buf)
     return buf.getvalue()
 
 
@@ -107,10 +116,18 @@ def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by train.py, or CheckpointError saying what is wrong."""
     p = checkpoint_path(path)
     if not p.is_file():
-        near = sorted(p.parent.glob("ep*.pth")) if p.parent.is_dir() else []
-        raise CheckpointError(f"checkpoint {p} does not exist" + (f"; found: {', '.join(map(str, near))}" if near else ""))
+        near = checkpoints(p.parent) if p.parent.is_dir() else []
+        what = (f"checkpoint {p}" if Path(path).suffix == ".pth" or checkpoint_epoch(p) is not None
+                else f"folder {path}/ or checkpoint {p}")  # `--resume models` with no models/
+        raise CheckpointError(f"{what} does not exist" + (f"; found: {', '.join(map(str, near))}" if near else ""))
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)  # fastai's optimizer state is not weights-only
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)  # a pickled object could run code
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise CheckpointError(f"checkpoint {p} cannot be read (not a checkpoint, or an incomplete copy)") from None
+        raise CheckpointError(f"checkpoint {p} holds an object ({found[1]}), not only tensors and plain values: "
+                              "loading it could run code, so it is refused") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
@@ -119,6 +136,8 @@ def load_checkpoint(path: str | Path) -> dict:
                               "or export; train it again with python train.py --fresh")
     if missing:
         raise CheckpointError(f"{p} is not a twins checkpoint (missing {', '.join(sorted(missing))})")
+    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
+        raise CheckpointError(f"{p} holds NaN or infinite weights (its run diverged); use an earlier checkpoint")
     return ckpt
 
 
@@ -178,9 +197,10 @@ def claim_for_fresh(folder: Path, overwrite: bool) -> None:
         return
     names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
     if not overwrite:
+        unfinished = (f"an unfinished run continues with python train.py --resume {folder}" if checkpoints(folder)
+                      else "it has no checkpoint to resume")
         raise CheckpointError(f"{folder}/ holds another run ({names}); a fresh run never overwrites one: pass "
-                              "--out NEW_FOLDER, or add --overwrite to delete it first (an unfinished run continues "
-                              f"with python train.py --resume {folder})")
+                              f"--out NEW_FOLDER, or add --overwrite to delete it first ({unfinished})")
     for p in found:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     print(f"--overwrite: deleted the previous run in {folder}/ ({names})")
@@ -194,7 +214,7 @@ def claim_for_resume(folder: Path, run_id: str | None, epoch: int) -> None:
     other = folder_run_id(folder)
     if other is not None and other != run_id and run_files(folder):
         raise CheckpointError(f"{folder}/ holds another run ({other}); resume into a new folder with --out")
-    later = sorted(p.name for p in folder.glob("ep*.pth") if checkpoint_epoch(p) > epoch)
+    later = [p.name for p in checkpoints(folder) if checkpoint_epoch(p) > epoch]
     if later:
         raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming from "
                               f"epoch {epoch} there would overwrite them. Resume from the newest "
@@ -216,10 +236,12 @@ def locked(folder: Path):
     """Hold `folder/.lock` (this process's id) while a run writes there; a second process is refused
     with a message. A lock left by a process that no longer runs is taken over."""
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    if not created and not folder.is_dir():
+        raise CheckpointError(f"--out {folder} is a file, not a folder: pass another --out")
     lock = folder / LOCK
     while True:
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
@@ -230,8 +252,10 @@ def locked(folder: Path):
             if pid and pid != os.getpid() and _alive(pid):
                 raise CheckpointError(f"{folder}/ is being written by another process (pid {pid}, since "
                                       f"{time.ctime(lock.stat().st_mtime)}); wait for it, or use --out "
-                                      "another folder") from None
+                                      f"another folder (if no run is going, delete {lock})") from None
             lock.unlink(missing_ok=True)  # stale: its process has ended
+        except OSError as e:  # a read-only place, a file on the way, a full disk
+            raise CheckpointError(f"--out {folder}/ cannot be written ({e.strerror or e}): pass another --out") from None
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     try:

@@ -23,7 +23,7 @@ from fastai.torch_core import TensorImage, set_seed
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
 from fasttransform import ItemTransform, Pipeline
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -43,8 +43,13 @@ def _examples(items, n: int = 5) -> str:
 def _read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the four files of the ND-TWIN layout in {path.parent})")
+    def no_repeats(items: list) -> dict:  # json keeps the last of a repeated key: the other images would vanish
+        repeated = sorted({k for k, n in Counter(k for k, _ in items).items() if n > 1})
+        if repeated:
+            raise DataError(f"{path}: ids listed more than once as keys ({_examples(repeated)}); merge their image lists")
+        return dict(items)
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is fine
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_repeats)  # -sig: a BOM is fine
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed JSON ({e})") from None
 
@@ -92,6 +97,9 @@ def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[t
     self_pairs = [p for p in pairs if p[0] == p[1]]
     if self_pairs:
         raise DataError(f"{pairs_path}: pairs of a person with themself ({_examples(self_pairs)})")
+    twice = sorted(k for k, n in Counter(tuple(sorted(p)) for p in pairs).items() if n > 1)
+    if twice:  # its impostor pairs would count twice in the metrics
+        raise DataError(f"{pairs_path}: twin pairs listed more than once ({_examples(twice)}); list each once")
     few = sorted(k for k, v in info.items() if len(v) < 2)
     if few:
         raise DataError(f"{info_path}: people with fewer than 2 images ({_examples(few)})")
@@ -179,6 +187,12 @@ def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> d
                 else "as written; pass --data-root DIR, the folder that holds the images")
         raise DataError(f"{len(missing)} of {len(all_paths)} images not found {hint}. "
                         f"Missing ({_examples(missing, 3)})")
+    same_file = {}
+    for p, r in resolved.items():
+        same_file.setdefault(r.resolve(), []).append(p)
+    shared = [f"{' and '.join(ps)} -> {f}" for f, ps in same_file.items() if len(ps) > 1]
+    if shared:  # one photo would belong to two people, or count twice for one
+        raise DataError(f"{json_dir}: different entries that are the same image file ({_examples(shared, 3)})")
     splits = {}
     for name, (info, pairs) in raw.items():
         ids = sorted(info)
@@ -250,6 +264,7 @@ def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     im = src if isinstance(src, Image.Image) else Image.open(src)
     if im.format == "JPEG":
         im.draft("RGB", (size, size))  # decode at reduced scale when the file is much larger
+    im = ImageOps.exif_transpose(im)  # a photo stored on its side, with an EXIF orientation, upright
     return np.asarray(to_rgb(im).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
 
 

@@ -63,7 +63,8 @@ def _draw_mark(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, skin: np.n
 
 def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> tuple[Image.Image, list]:
     """One photo of a person: the face, then a random pose, expression, light, blur. Also returns
-    where the marks ended up, as (x, y) fractions of the photo's width and height."""
+    where the marks and the two ends of the slanted brow ended up, as (x, y) fractions of the photo's
+    width and height."""
     c = CANVAS
     img = Image.new("RGB", (c, c), tuple(int(v) for v in fam["bg"] + rng.normal(0, 8, 3)))
     d = ImageDraw.Draw(img)
@@ -95,12 +96,15 @@ def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> tu
     zoom = rng.uniform(0.0, 0.06) * c
     img = img.crop((zoom, zoom, c - zoom, c - zoom)).resize((size, size), Image.BICUBIC)
     t, h = math.radians(angle), c / 2  # PIL rotates counter-clockwise about the centre, then translates
-    places = [((h + (x * c - h) * math.cos(t) + (y * c - h) * math.sin(t) + shift[0] - zoom) / (c - 2 * zoom),
-               (h - (x * c - h) * math.sin(t) + (y * c - h) * math.cos(t) + shift[1] - zoom) / (c - 2 * zoom))
-              for _, (x, y) in marks["marks"]]
+
+    def placed(x, y):
+        return ((h + (x * c - h) * math.cos(t) + (y * c - h) * math.sin(t) + shift[0] - zoom) / (c - 2 * zoom),
+                (h - (x * c - h) * math.sin(t) + (y * c - h) * math.cos(t) + shift[1] - zoom) / (c - 2 * zoom))
+    cx, by, tilt = 0.5 + dx, ey - 2.2 * er, marks["brow_tilt"]  # the slanted brow's ends, as drawn above
+    brow = [placed(cx - 2.2 * er, by + tilt), placed(cx + 2.2 * er, by - tilt)]
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.2))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.15))
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7))), places
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7))), [placed(x, y) for _, (x, y) in marks["marks"]], brow
 
 
 def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
@@ -117,7 +121,8 @@ def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
 def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int = 12,
               images_per_person: tuple[int, int] = (4, 8), size: int = 128, seed: int = 0) -> Path:
     """Write `out/images/<id>/<id>d<k>.jpg`, `out/data_json/*.json` and `out/marks.json` (where each
-    photo's marks are, for measuring where the heatmaps look); returns the JSON folder.
+    photo's marks and slanted brow are: every difference between twins, for measuring where the
+    heatmaps look); returns the JSON folder.
     Deterministic in `seed`; skips the work when the set is already there."""
     out = Path(out)
     json_dir = out / "data_json"
@@ -125,7 +130,7 @@ def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int 
         return json_dir
     rng = np.random.default_rng(seed)
     json_dir.mkdir(parents=True, exist_ok=True)
-    first, mark_places = 90003, {}
+    first, mark_places, brows = 90003, {}, {}
     for split, n_fam in (("train", n_train_families), ("test", n_test_families)):
         info, pairs = {}, []
         for fam_ids in _ids(n_fam, first, triplet=(split == "train")):
@@ -137,7 +142,7 @@ def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int 
                 info[pid] = []
                 for k in range(int(rng.integers(images_per_person[0], images_per_person[1] + 1))):
                     name = f"{pid}d{13 + 2 * k}.jpg"
-                    img, places = draw_face(fam, marks, rng, size)
+                    img, places, brows[f"{pid}/{name}"] = draw_face(fam, marks, rng, size)
                     img.save(folder / name, quality=int(rng.integers(85, 96)))
                     mark_places[f"{pid}/{name}"] = places
                     info[pid].append(f"{FOREIGN_PREFIX}/{pid}/{name}")
@@ -146,5 +151,5 @@ def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int 
         first += 1000
         (json_dir / f"{split}_dataset_infor.json").write_text(json.dumps(info, indent=1))
         (json_dir / f"{split}_twin_pairs.json").write_text(json.dumps(pairs))
-    (out / "marks.json").write_text(json.dumps({"mark_radius": MARK_RADIUS, "marks": mark_places}))
+    (out / "marks.json").write_text(json.dumps({"mark_radius": MARK_RADIUS, "marks": mark_places, "brows": brows}))
     return json_dir

@@ -16,3 +16,8 @@ class DataError(TwinsError):
 class CheckpointError(TwinsError):
     """A checkpoint or exported learner that is missing, unreadable, foreign, or does not fit the run."""
     label = "Checkpoint error"
+
+
+class DivergedError(TwinsError):
+    """The training loss became NaN or infinite: the run cannot go on."""
+    label = "Training stopped"

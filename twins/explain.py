@@ -10,11 +10,20 @@ workshops 2023); dropping tokens instead of painting patches is the ViT's natura
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from fastprogress.fastprogress import progress_bar
 
+from .data import Split
+from .metrics import protocol_scores
 from .model import DCAL, encode_all, mixed_precision, normalise
+from .viz import plot_summary
 
 GRID = 14  # about this many windows per side: 1 patch per window at 64 px / 8, 2 x 2 patches at 448 / 16
 
@@ -32,40 +41,45 @@ def windows(model: DCAL) -> list[torch.Tensor]:
             for i in range(0, gh, w) for j in range(0, gw, w)]
 
 
-def score(model: DCAL, tokens: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """The pair score of each token sequence against the embedding `other`: the encoding in the
-    caller's precision, the embedding and the cosine in fp32 (in fp16 a window's effect is about one
-    rounding step of a cosine near 1)."""
+def score(model: DCAL, tokens: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """The pair score of each token sequence against its row of embeddings `others`: the encoding in
+    the caller's precision, the embedding and the cosine in fp32 (in fp16 a window's effect is about
+    one rounding step of a cosine near 1)."""
     out = model.encode_tokens(tokens)
     with torch.autocast(tokens.device.type, enabled=False):
-        return model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) @ other.float()
+        return (model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) * others.float()).sum(-1)
 
 
 @torch.no_grad()
-def occlusion_map(model: DCAL, image: torch.Tensor, other: torch.Tensor, bs: int = 64) -> torch.Tensor:
-    """(windows high, windows wide): how much the score of `image` (a normalised (3, H, W) tensor on the
-    model's device) against the embedding `other` rises when each window is left out; batched. The
-    encodings run in the caller's precision (`pair_maps`: training's), the scores in fp32."""
+def occlusion_maps(model: DCAL, images: torch.Tensor, others: torch.Tensor, bs: int = 64) -> torch.Tensor:
+    """(faces, windows high, windows wide): how much the score of each face `images[f]` (normalised,
+    on the model's device) against the embedding `others[f]` rises when each window is left out. The
+    left-out sequences of all faces are batched together, `bs` per forward pass, in the caller's
+    precision (`pair_maps`: training's); the scores in fp32."""
     model.eval()
-    dev = image.device
+    dev = images.device
     gh, gw = model.vit.patch_embed.grid_size
     w = window_size(model)
     wins = windows(model)
     by_size = {}  # edge windows can be smaller: one batch holds sequences of one length
     for i, win in enumerate(wins):
         by_size.setdefault(len(win), []).append(i)
-    delta = torch.empty(len(wins))
-    tokens = model.tokens(image[None])  # (1, 1 + N, C) with position embeddings
-    base = score(model, tokens, other)
+    tokens = torch.cat([model.tokens(images[k:k + bs]) for k in range(0, len(images), bs)])  # with position embeddings
+    others = others.to(dev)
+    base = torch.cat([score(model, tokens[k:k + bs], others[k:k + bs]) for k in range(0, len(images), bs)])
+    delta = torch.empty(len(images), len(wins))
     for group in by_size.values():
-        for part in (group[k:k + bs] for k in range(0, len(group), bs)):
-            keep = torch.ones(len(part), 1 + gh * gw, dtype=torch.bool)
-            for row, i in enumerate(part):
-                keep[row, 1 + wins[i]] = False
-            pos = keep.nonzero()[:, 1].view(len(part), -1).to(dev)
-            seq = tokens.expand(len(part), -1, -1).gather(1, pos[..., None].expand(-1, -1, tokens.shape[-1]))
-            delta[part] = (score(model, seq, other) - base).cpu()
-    return delta.view(math.ceil(gh / w), math.ceil(gw / w))
+        keep = torch.ones(len(group), 1 + gh * gw, dtype=torch.bool)
+        for row, i in enumerate(group):
+            keep[row, 1 + wins[i]] = False
+        pos = keep.nonzero()[:, 1].view(len(group), -1).to(dev)  # the tokens each sequence keeps
+        face, win = (t.flatten() for t in torch.meshgrid(torch.arange(len(images)), torch.arange(len(group)),
+                                                         indexing="ij"))
+        for k in range(0, len(face), bs):
+            f, g = face[k:k + bs], win[k:k + bs]
+            seq = tokens[f].gather(1, pos[g][..., None].expand(-1, -1, tokens.shape[-1]))
+            delta[f, torch.tensor(group)[g]] = (score(model, seq, others[f]) - base[f]).cpu()
+    return delta.view(len(images), math.ceil(gh / w), math.ceil(gw / w))
 
 
 def pair_maps(model: DCAL, images: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -73,5 +87,102 @@ def pair_maps(model: DCAL, images: torch.Tensor) -> tuple[float, torch.Tensor, t
     x = normalise(model, images)
     emb = model.embedding(encode_all(model, images)).to(x.device)
     with mixed_precision(x.device):
-        maps = occlusion_map(model, x[0], emb[1]), occlusion_map(model, x[1], emb[0])
-    return float(emb[0] @ emb[1]), *maps
+        maps = occlusion_maps(model, x, emb[[1, 0]])
+    return float(emb[0] @ emb[1]), maps[0], maps[1]
+
+
+# The pair-map summary over a split: faces are landmark-aligned crops, so one window is one place on
+# the face in every photo, and the maps of many pairs can be averaged.
+SUMMARY_PAIRS = 100  # pairs of each kind by default: about 5 minutes on a T4 at 448 (an estimate: PLAN, Q3)
+KINDS = {  # kind: (the pairs, the side of their maps that explains the verdict, what the mean shows)
+    "differ": ("twin pairs rejected", 1.0, "where twins differ for this model"),
+    "fooled": ("twin pairs accepted", -1.0, "what fooled it"),
+    "same": ("genuine pairs accepted", -1.0, "what stays the same for one person"),
+}
+
+
+def pair_kinds(scores: np.ndarray, genuine: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Which of a split's pairs are of each kind (boolean masks over its pair list)."""
+    return {"differ": ~genuine & (scores < threshold), "fooled": ~genuine & (scores >= threshold),
+            "same": genuine & (scores >= threshold)}
+
+
+def summary_pairs(kinds: dict[str, np.ndarray], n: int, seed: int) -> dict[str, np.ndarray]:
+    """Up to `n` pairs of each kind (indices into the pair list, sorted), a reproducible sample."""
+    rng = np.random.default_rng(seed)
+    return {k: np.sort(rng.permutation(np.flatnonzero(m))[:n]) for k, m in kinds.items()}
+
+
+def pair_share(delta_a: torch.Tensor, delta_b: torch.Tensor, sign: float) -> torch.Tensor | None:
+    """One pair's part in a summary: the side `sign` of both faces' maps (+1: dissimilarity, -1:
+    similarity), added over the two faces and scaled to sum 1, so that every pair weighs the same;
+    None when no window moved the score that way."""
+    part = (sign * delta_a).clamp(min=0) + (sign * delta_b).clamp(min=0)
+    total = part.sum()
+    return part / total if total > 0 else None
+
+
+def summary_maps(model: DCAL, cache: torch.Tensor, emb: torch.Tensor, pairs: np.ndarray, picks: dict,
+                 chunk: int = 8) -> dict:
+    """For each kind, the mean of its pairs' `pair_share`: {kind: (mean map or None, pairs counted)}.
+    Pairs go through `occlusion_maps` `chunk` at a time, their faces batched together."""
+    dev = next(model.parameters()).device
+    todo = [(kind, k) for kind, idx in picks.items() for k in idx]
+    sums, counts = {}, dict.fromkeys(picks, 0)
+    steps = range(0, len(todo), chunk)
+    for start in (progress_bar(steps, leave=False) if sys.stdout.isatty() and len(steps) > 1 else steps):
+        part = todo[start:start + chunk]
+        a, b = (np.array([pairs[k][j] for _, k in part]) for j in (0, 1))
+        faces = normalise(model, cache[np.concatenate([a, b])])
+        with mixed_precision(dev):
+            maps = occlusion_maps(model, faces, emb[np.concatenate([b, a])])
+        for row, (kind, _) in enumerate(part):
+            share = pair_share(maps[row], maps[len(part) + row], KINDS[kind][1])
+            if share is not None:
+                sums[kind] = sums.get(kind, 0) + share
+                counts[kind] += 1
+    return {kind: (sums[kind] / counts[kind] if counts[kind] else None, counts[kind]) for kind in picks}
+
+
+def window_words(model: DCAL, mean: torch.Tensor, top: int = 3) -> list[dict]:
+    """The `top` windows of a mean map by their place on the face grid: rows and columns as fractions
+    of the face from its top left, and the map's share there against a uniform map's."""
+    gh, gw = model.vit.patch_embed.grid_size
+    w, uniform = window_size(model), 1 / mean.numel()
+    found = []
+    for i in mean.flatten().argsort(descending=True)[:top].tolist():
+        r, c = divmod(i, mean.shape[1])
+        rows, cols = (r * w / gh, min(r * w + w, gh) / gh), (c * w / gw, min(c * w + w, gw) / gw)
+        share = float(mean.flatten()[i])
+        found.append({"rows": rows, "columns": cols, "share": share,
+                      "words": f"rows {rows[0]:.0%}-{rows[1]:.0%}, columns {cols[0]:.0%}-{cols[1]:.0%} of the face: "
+                               f"{share:.1%} of the map (uniform {uniform:.1%})"})
+    return found
+
+
+def write_summary(model: DCAL, split: Split, cache: torch.Tensor, threshold: float, n: int, seed: int,
+                  stem: Path, name: str) -> dict:
+    """The pair-map summary of the split called `name`, up to `n` pairs of each kind: `stem.png` (three panels over the
+    mean faces) and `stem.json` (the numbers, the top windows in words); returns what the JSON holds."""
+    t = time.time()
+    emb = model.embedding(encode_all(model, cache))
+    scores, genuine, pairs = protocol_scores(emb, split.person, split.twin_pairs)
+    kinds = pair_kinds(scores, genuine, threshold)
+    picks = summary_pairs(kinds, n, seed)
+    means = summary_maps(model, cache, emb, pairs, picks)
+    seconds = time.time() - t
+    report = {"split": name, "threshold": threshold, "pairs_per_kind": n, "seconds": seconds, "kinds": {}}
+    panels = []
+    for kind, (what, sign, meaning) in KINDS.items():
+        mean, used = means[kind]
+        faces = cache[np.unique(pairs[picks[kind]])] if len(picks[kind]) else cache[:0]
+        face = faces.float().mean(0).permute(1, 2, 0).numpy() / 255 if len(faces) else np.full((*cache.shape[2:], 3), 0.5)
+        panels.append({"face": face, "map": mean, "sign": sign,
+                       "title": f"{what}: {used} of {int(kinds[kind].sum())}\n{meaning}"})
+        report["kinds"][kind] = {"pairs": what, "meaning": meaning, "in_split": int(kinds[kind].sum()),
+                                 "sampled": int(picks[kind].size), "counted": used,
+                                 "map": None if mean is None else mean.tolist(),
+                                 "top": [] if mean is None else window_words(model, mean)}
+    plot_summary(panels, stem.with_suffix(".png"), f"{name} pairs: occlusion maps of the pair score, averaged (threshold {threshold:.3f})")
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    return report

@@ -12,7 +12,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 
-from .checkpoint import checkpoint_epoch, folder_run_id
+from .checkpoint import check_classes, checkpoint_epoch, checkpoints, folder_run_id
 from .data import PairDL, Split, TwinPairs, build_cache, load_faces, normalizer, prepare_data
 from .errors import CheckpointError, DataError
 from .evaluate import choose_threshold, embed_images
@@ -24,20 +24,25 @@ from .settings import Settings
 from .viz import maps_of
 
 
-def load_split(s: Settings, split: str, data: str | None = None, data_root: str | None = None) -> Split:
+def load_split(s: Settings, split: str, classes: list[str], data: str | None = None,
+               data_root: str | None = None) -> Split:
     """One split of the run's data ('train', 'valid' or 'test'; the validation families the run held
-    out), with the JSON folder or image folder moved when given."""
-    found = getattr(prepare_data(replace(s, data=data or s.data, data_root=data_root or s.data_root)), split)
+    out), with the JSON folder or image folder moved when given. The data must give the training ids
+    `classes` of the run (else the held-out families would not be the ones it held out)."""
+    prepared = prepare_data(replace(s, data=data or s.data, data_root=data_root or s.data_root))
+    check_classes({"classes": classes}, list(prepared.classes), "this model")
+    found = getattr(prepared, split)
     if found is None:
         raise DataError("this run had no validation split (--valid-pct 0)")
     return found
 
 
-def validation_threshold(model, s: Settings, data: str | None = None, data_root: str | None = None):
+def validation_threshold(model, s: Settings, classes: list[str], data: str | None = None,
+                         data_root: str | None = None):
     """The verification threshold as training chose it: the EER threshold on the validation twins
     (on the training twins, flagged, when the run had no validation split)."""
     has_valid = s.valid_pct > 0
-    split = load_split(s, "valid" if has_valid else "train", data, data_root)
+    split = load_split(s, "valid" if has_valid else "train", classes, data, data_root)
     threshold, source, _ = choose_threshold(model, split, build_cache(split.paths, s.size, "threshold images"), has_valid)
     return threshold, source
 
@@ -73,9 +78,9 @@ def describe(learn: Learner, path: Path) -> str:
     """Which model an exported learner holds, and whether its folder has a newer checkpoint of its run."""
     t = learn.twins
     text = f"{path}: run {t['run_id']}, epoch {t['epoch']}, exported from {t['checkpoint']}"
-    newer = [c for c in path.parent.glob("ep*.pth") if checkpoint_epoch(c) > t["epoch"]]
+    newer = [c for c in checkpoints(path.parent) if checkpoint_epoch(c) > t["epoch"]]
     if newer and folder_run_id(path.parent) == t["run_id"]:
-        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({max(newer, key=checkpoint_epoch).name}); "
+        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({newer[-1].name}); "
                  "python export.py exports the newest")
     return text
 
@@ -152,5 +157,5 @@ def single_pair(paths: list[str], size: int) -> tuple[Split, torch.Tensor]:
     """A two-image 'split' for the one-pair mode."""
     for p in paths:
         if not Path(p).is_file():
-            raise DataError(f"image {p} does not exist")
+            raise DataError(f"image {p} " + ("is a folder: give an image file" if Path(p).is_dir() else "does not exist"))
     return Split(["image 1", "image 2"], [Path(p) for p in paths], np.array([0, 1]), []), load_faces(paths, size)

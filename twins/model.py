@@ -123,6 +123,9 @@ class DCAL(nn.Module):
             self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
                                                drop_path_rate=drop_path, **extra)
         except RuntimeError as e:  # timm's own word for an unknown model name or a bad argument
+            if "huggingface_hub" in str(e):  # timm < 1.0.21 does not import huggingface_hub >= 1: it says "missing"
+                raise TwinsError(f"timm {timm.__version__} cannot use this huggingface_hub to fetch the weights of "
+                                 f"{arch}: pip install -U 'timm>=1.0.21' (or pass --weights FILE)") from None
             raise TwinsError(f"--arch {arch}: {e}") from None
         except Exception as e:  # only the download can fail otherwise (hub unreachable, no Internet)
             if not pretrained:
@@ -134,6 +137,10 @@ class DCAL(nn.Module):
                              f"{str(e).splitlines()[0] if str(e) else ''}). On Kaggle switch the notebook's "
                              "Internet on (Settings), or add the weights file as a dataset and pass --weights "
                              "FILE, or train from scratch with --no-pretrained") from None
+        patch = vit.patch_embed.patch_size[0]
+        if img_size % patch:
+            raise TwinsError(f"--size {img_size} is not a multiple of the patch size {patch} of {arch}: "
+                             f"take --size {img_size // patch * patch or patch} or {(img_size // patch + 1) * patch}")
         if vit.cls_token is None or vit.num_prefix_tokens != 1 or not all(
                 isinstance(b.attn, Attention) and getattr(b.attn, "gate", None) is None for b in vit.blocks):
             raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "

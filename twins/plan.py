@@ -32,6 +32,7 @@ class Plan:
     accum: int
     processes: int
     lr: float
+    branched_from: str | None = None  # the run whose checkpoint this one continued in another folder
 
     @property
     def micro_bs(self) -> int:
@@ -88,11 +89,14 @@ def reshare(plan: Plan, processes: int) -> Plan:
 
 
 def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan | None = None) -> Plan:
-    """The plan of a run: a resumed run's own (shared by the processes that run now); `--bs N`: N pairs
+    """The plan of a run: a resumed run's own (shared by the processes that run now; under `run_id`, a
+    branch, when that is not the saved run's); `--bs N`: N pairs
     on each process; `--bs auto`: on CUDA the largest batch that fits in every process, on the CPU
     `step_pairs` in each process (lr scaled with the processes)."""
     n = world()
     if saved is not None:
+        if run_id != saved.run_id:  # a resume into another folder: a run of its own
+            saved = replace(saved, run_id=run_id, branched_from=saved.run_id)
         if saved.processes == n:
             return saved
         print(f"The run was trained by {saved.processes} process(es); {n} continue it with the same steps")

@@ -26,19 +26,23 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
-from .callbacks import AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState, TimmWeightDecay, span
+from .callbacks import (AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState, StopOnNaN,
+                        TimmWeightDecay, span)
 from .checkpoint import (check_classes, claim_for_fresh, claim_for_resume, epoch_path, load_checkpoint, locked,
                          new_run_id, restore, run_meta, snapshot, write_atomic, write_run_json)
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
 from .distributed import Distributed, is_main, launch_command, on_main
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError, DivergedError
 from .evaluate import evaluate
+from .explain import KINDS, SUMMARY_PAIRS, pair_maps, write_summary
 from .loss import DCALLoss
 from .metrics import TwinsMetric
 from .model import DCAL, check_cuda_arch, device
 from .plan import Plan, make_plan
 from .settings import KAGGLE_TIME_LIMIT_H, Settings
 from .tracking import Wandb, log_figure, start_wandb
+
+SUMMARY_SHARE = 0.05  # at the end of training the pair-map summary may take this share of the training time
 
 
 def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) -> TwinData:
@@ -50,20 +54,27 @@ def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) ->
                               f"{s.epochs}; pass a larger --epochs to train further")
     set_seed(s.seed)  # python, numpy and torch: fastai's shuffling draws from python's random
     data = prepare_data(s)
+    if s.bs != "auto" and s.bs > len(data.train.paths):
+        raise DataError(f"--bs {s.bs}: more pairs per step than the {len(data.train.paths)} training images (each "
+                        "anchors one pair per epoch); pass a smaller --bs")
     if ckpt is not None:
         check_classes(ckpt, list(data.classes), f"checkpoint {source}")
     return data
 
 
-def claim(held: ExitStack, s: Settings, ckpt: dict | None, overwrite: bool) -> str:
-    """The run folder, held (locked) for this run until `held` closes; returns the run's id."""
+def claim(held: ExitStack, s: Settings, ckpt: dict | None, source: str | None, overwrite: bool) -> str:
+    """The run folder, held (locked) for this run until `held` closes; returns the run's id: a new one
+    for a fresh run, and for a resume into another folder than its checkpoint's (a branch: two resumes
+    of one checkpoint must not log into one W&B run)."""
     out = Path(s.out)
     held.enter_context(locked(out))
     if ckpt is None:
         claim_for_fresh(out, overwrite)
         return new_run_id()
-    claim_for_resume(out, ckpt["plan"]["run_id"], ckpt["epoch"])
-    return ckpt["plan"]["run_id"]
+    same = out.resolve() == Path(source).parent.resolve()
+    run_id = ckpt["plan"]["run_id"] if same else new_run_id()
+    claim_for_resume(out, run_id, ckpt["epoch"])
+    return run_id
 
 
 def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learner:
@@ -73,13 +84,15 @@ def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learne
     dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
                            bs=plan.micro_bs, size=s.size, mean=dc["mean"], std=dc["std"], seed=s.seed, device=device())
     metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
-    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs()]
+    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs(), StopOnNaN()]
     if plan.accum > 1:
         cbs.append(GradientAccumulation(n_acc=plan.bs // plan.processes))  # this process's pairs per step
     if plan.processes > 1:
         cbs.append(Distributed())
     learn = Learner(dls, model, loss_func=DCALLoss(), opt_func=partial(Adam, eps=1e-6), lr=plan.lr, wd=s.wd,
                     metrics=metrics, cbs=cbs, path=".", model_dir=s.out)
+    if len(dls.train) == 0:  # every process's share of a step larger than its share of the images
+        raise DataError(f"{plan} leaves no full step in the {len(data.train.paths)} training images; pass a smaller --bs")
     learn.settings, learn.plan = s, plan
     if not sys.stdout.isatty():  # a log file (Kaggle, nohup) gets EpochReport's line, not progress bars
         learn.remove_cb(ProgressCallback)
@@ -93,8 +106,8 @@ def build(s: Settings, data: TwinData, ckpt: dict | None = None, source: str | N
           run_id: str = "") -> Learner:
     """Images decoded, the model (pretrained, or the checkpoint's weights and optimizer state), the
     plan (a resumed run's own), the Learner."""
+    model = DCAL.from_settings(s, len(data.classes), pretrained=s.pretrained and ckpt is None)  # before the decoding
     data.decode(s.size)
-    model = DCAL.from_settings(s, len(data.classes), pretrained=s.pretrained and ckpt is None)
     plan = make_plan(s, model, len(data.classes), run_id, Plan(**ckpt["plan"]) if ckpt else None)
     print(f"Batch: {plan}")
     learn = make_learner(s, plan, data, model)
@@ -127,12 +140,13 @@ def train(s: Settings, ckpt: dict | None = None, source: str | None = None, dead
     epoch is saved, the resume command printed, and KeyboardInterrupt raised."""
     data = prepare(s, ckpt, source)
     with ExitStack() as held, sigterm_as_interrupt():
-        run_id = on_main(partial(claim, held, s, ckpt, overwrite))  # the main process alone writes
+        run_id = on_main(partial(claim, held, s, ckpt, source, overwrite))  # the main process alone writes
         learn = build(s, data, ckpt, source, run_id)
         if is_main():
             write_run_json(Path(s.out), learn)
-        n = learn.plan.processes
-        print(f"Run {run_id} in {s.out}/" + (f", {n} processes" if n > 1 else ""))
+        n, parent = learn.plan.processes, learn.plan.branched_from
+        print(f"Run {run_id} in {s.out}/" + (f", {n} processes" if n > 1 else "")
+              + (f", a branch of run {parent} from {source}" if parent and ckpt["plan"]["run_id"] == parent else ""))
         return fit(learn, data, ckpt, source, deadline)
 
 
@@ -144,7 +158,8 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
     cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None)]
     run = saver = None
     if is_main():
-        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if ckpt else None)
+        same_run = ckpt is not None and ckpt["plan"]["run_id"] == learn.plan.run_id
+        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if same_run else None)
         saver = Checkpoint(out, s.save_every, run_meta(learn, list(data.classes), run.id if run else None))
         cbs.append(saver)
         if run is not None:
@@ -164,6 +179,20 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
         if run is not None:
             run.finish(exit_code=1)
         raise
+    if saver is not None and saver.failed:
+        last = epoch_path(out, saver.saved) if saver.saved else source
+        if run is not None:
+            run.finish(exit_code=1)
+        raise CheckpointError(f"{saver.failed}: free space on the disk, or pass another --out. " + (
+            f"The last checkpoint written: {last}; continue with:\n  {launch_command(f'--resume {last}')}"
+            if last else "No checkpoint was written"))
+    if getattr(learn, "diverged", None):
+        path = (saver.save_last() if saver else None) or source
+        if run is not None:
+            run.finish(exit_code=1)
+        raise DivergedError(f"{learn.diverged}: the learning rate is too high for this run. Start a fresh run with a "
+                            f"lower --lr (this run's: {s.lr:.3g}). " + (f"The last checkpoint, all finite: {path}"
+                                                                        if path else "No epoch was saved"))
     if report.stopped:
         path = epoch_path(out, learn.epoch)
         print(f"Stopped after epoch {learn.epoch} of {s.epochs}: the next epoch would end past the time "
@@ -176,11 +205,37 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
     print(f"Test (twins-only, {t['n_genuine']} genuine / {t['n_impostor']} twin-impostor pairs): "
           f"EER {100 * t['eer']:.2f}%  AUC {t['auc']:.4f}  accuracy {100 * t['accuracy']:.2f}% at threshold "
           f"{t['threshold']:.3f} from {t['threshold_source']}; report in {out / 'test_report.json'}")
+    if is_main():
+        summarise(learn.model, data, t["threshold"], s.seed, out, sum(report.times))
     if run is not None:
         run.log({f"test/{k}": v for k, v in t.items() if isinstance(v, (int, float))}, commit=False)
-        log_figure("test/roc", out / "roc.png")
+        log_figure("test/roc", out / "roc.png", commit=False)
+        if (out / "summary.png").is_file():
+            log_figure("test/pair_map_summary", out / "summary.png", commit=False)
         run.finish()
     return result
+
+
+def summarise(model: DCAL, data: TwinData, threshold: float, seed: int, out: Path, train_s: float) -> None:
+    """The pair-map summary of the test twins (`explain.write_summary`) in `out/summary.*`, with as many
+    pairs of each kind (up to SUMMARY_PAIRS) as SUMMARY_SHARE of the training time allows, at the cost
+    of one pair's maps measured here; skipped, with a word, when not even one of each kind fits."""
+    cache = data.caches["test"]
+    t = time.time()
+    pair_maps(model, cache[:2])
+    per_pair = time.time() - t
+    n = min(SUMMARY_PAIRS, int(SUMMARY_SHARE * train_s / per_pair / len(KINDS)))
+    if n < 1:
+        print(f"Pair-map summary skipped: {per_pair:.2f} s per pair, {len(KINDS)} pairs would take more than "
+              f"{SUMMARY_SHARE:.0%} of the training time ({span(train_s)}); python interpret.py --summary writes it")
+        return
+    rep = write_summary(model, data.test, cache, threshold, n, seed, out / "summary", "test")
+    shrunk = f" ({SUMMARY_SHARE:.0%} of the training time allows no more)" if n < SUMMARY_PAIRS else ""
+    print(f"Pair-map summary of the test twins: up to {n} pairs of each kind{shrunk}, {span(rep['seconds'])}; "
+          f"{out / 'summary.png'}, numbers in {out / 'summary.json'}")
+    for kind in rep["kinds"].values():
+        if kind["top"]:
+            print(f"  {kind['meaning']}: {kind['top'][0]['words']}")
 
 
 def find_lr(s: Settings) -> float:

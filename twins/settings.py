@@ -3,7 +3,9 @@ and what a resumed run may change of its settings. What the program derives from
 is the run's `Plan` (twins/plan.py), kept apart."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from .errors import CheckpointError
 
@@ -81,3 +83,20 @@ def resumed_settings(saved: Settings, flags: dict, source: str) -> Settings:
               f"{epochs}: from here on the learning rate follows the longer schedule (a jump up at the first "
               "resumed epoch, then a slower decay), so this is no longer the run it continues")
     return replace(saved, **given)
+
+
+def ranged(cast: Callable, ok: Callable, what: str) -> Callable:
+    """An argparse type: `cast(text)` when `ok` of it, else argparse's one-line error saying `what` it takes."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+COUNT = ranged(int, lambda v: v >= 1, "a whole number of at least 1")
+SHARE = ranged(float, lambda v: 0 <= v < 1, "a share from 0 to below 1")

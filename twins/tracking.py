@@ -49,15 +49,17 @@ def reachable(url: str, timeout: float = 5.0) -> bool:
 def wandb_mode() -> tuple[str, str]:
     """(mode, why), decided before `wandb.init`, which would otherwise wait minutes for a server it
     cannot reach and then log nothing: WANDB_MODE when set; else online with WANDB_API_KEY and a
-    reachable server; else offline."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], f"WANDB_MODE={os.environ['WANDB_MODE']}"
-    if not os.environ.get("WANDB_API_KEY"):
+    reachable server; else offline. Online, asked or not, needs the server reachable."""
+    asked = os.environ.get("WANDB_MODE")
+    if asked and asked != "online":
+        return asked, f"WANDB_MODE={asked}"
+    why = f"WANDB_MODE={asked}" if asked else "WANDB_API_KEY"
+    if not asked and not os.environ.get("WANDB_API_KEY"):
         return "offline", "no WANDB_API_KEY"
     server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not reachable(server):
-        return "offline", f"WANDB_API_KEY is set but {server} cannot be reached (no network?)"
-    return "online", "WANDB_API_KEY"
+        return "offline", f"{why} is set but {server} cannot be reached (no network?)"
+    return "online", why
 
 
 def start_wandb(s, plan, resume_id: str | None):

@@ -81,3 +81,24 @@ def plot_roc(far: np.ndarray, tar: np.ndarray, report: dict, path: Path) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_summary(panels: list[dict], path: Path, title: str) -> None:
+    """Side by side, each panel's mean map over its mean face (keys: face (H, W, 3) in [0, 1], map
+    (rows, cols) or None, title), each with its own colour scale: the share of each pair's map."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    for ax, p in zip(axes[0], panels):
+        h, w = p["face"].shape[:2]
+        ax.imshow(p["face"])
+        if p["map"] is not None:
+            heat = F.interpolate(p["map"][None, None].float(), size=(h, w), mode="nearest")[0, 0]
+            shown = ax.imshow(heat.numpy(), cmap="Reds" if p["sign"] > 0 else "Greens", alpha=0.55, vmin=0)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03).set_label(
+                f"share of each pair's {'dissimilarity' if p['sign'] > 0 else 'similarity'}", fontsize=7)
+        ax.set_title(p["title"], fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
