@@ -4,11 +4,12 @@
     python train.py --resume models/ep20     # continue from the checkpoint written after epoch 20
     python train.py --fresh --check          # a few minutes: will the run work here, and how long will it take?
     python train.py --fresh --demo           # the generated demo set, a small CPU recipe
-    accelerate launch --multi_gpu --num_processes 2 train.py --fresh   # every GPU of a T4 x2: one process each
+
+With several GPUs (Kaggle's T4 x2) the command trains in one process per GPU by itself.
 """
 import time
 
-PROCESS_START = time.time()  # --time-limit counts from here, before the slow imports
+PROCESS_START = time.time()  # --time-limit counts from here (or the Kaggle session's start), before the slow imports
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -23,7 +24,7 @@ import torch  # noqa: E402
 
 from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
-from twins.distributed import is_main, on_main, start, world  # noqa: E402
+from twins.distributed import is_main, launch, on_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
 from twins.run import check, find_lr, train  # noqa: E402
 from twins.settings import (COUNT, DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, SHARE, Settings, fresh_settings,  # noqa: E402
@@ -37,12 +38,6 @@ def default(key: str) -> str:
     value = getattr(Settings(), key)
     demo = f"; demo {DEMO[key]}" if DEMO.get(key, value) != value else ""
     return f"default: {value if value is not None else 'the arch'}{demo}"
-
-
-def batch_size(text: str):
-    if text == "auto":
-        return text
-    return ranged(int, lambda v: v >= 1, "a number of pairs of at least 1, or auto")(text)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="ablation: no PWCA branch (with --no-glca: the plain ViT)")
     schedule = p.add_argument_group("schedule")
     schedule.add_argument("--epochs", type=COUNT, help=f"epochs of the one-cycle schedule ({default('epochs')})")
-    schedule.add_argument("--lr", type=ranged(float, lambda v: v > 0, "a learning rate above 0"), help=f"peak learning rate at {Settings.step_pairs} pairs per step ({default('lr')})")
+    schedule.add_argument("--bs", type=COUNT, help=f"pairs per optimiser step, all GPUs together ({default('bs')})")
+    schedule.add_argument("--lr", type=ranged(float, lambda v: v > 0, "a learning rate above 0"),
+                          help=f"peak learning rate of that step ({default('lr')})")
     schedule.add_argument("--wd", type=ranged(float, lambda v: v >= 0, "a weight decay of at least 0"), help=f"AdamW weight decay ({default('wd')})")
     schedule.add_argument("--drop-path", type=SHARE, help=f"stochastic depth rate ({default('drop_path')})")
     logging = p.add_argument_group("logging")
@@ -87,8 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     logging.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
     logging.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging")
     gpu = p.add_argument_group("Kaggle / GPU")
-    gpu.add_argument("--bs", type=batch_size, help=f"pairs per step per GPU, or auto: the largest that fits "
-                     f"(default: auto; {Settings.step_pairs} on the CPU)")
     gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
                      "pass: less memory per pair, about 20%% more time")
     gpu.add_argument("--time-limit", type=ranged(float, lambda v: v >= 0, "hours, at least 0"), metavar="HOURS", help="stop with a checkpoint before an epoch would "
@@ -101,23 +96,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def gpu_note(argv: list[str], gpus: int) -> str | None:
-    """What to say when one process runs on a machine with several GPUs."""
-    if gpus < 2 or world() > 1:
-        return None
-    return (f"Training on 1 of the {gpus} GPUs of this machine. To train on all of them (one process each):\n"
-            f"  accelerate launch --multi_gpu --num_processes {gpus} train.py {' '.join(argv)}")
+def session_start() -> float:
+    """When the time limit starts: on Kaggle the session's start, which is the start of its container's
+    first process (PID 1; the cell's pip and --check count too); elsewhere this command's."""
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        try:
+            boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+            ticks = int(open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start, in ticks
+            return boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return PROCESS_START
 
 
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    gpus = torch.cuda.device_count()
+    if world() == 1 and gpus > 1 and not args.lr_find:  # the user's command, on every GPU
+        print(f"{gpus} GPUs: {gpus} processes of this command, one per GPU (torch's elastic launcher)", flush=True)
+        raise SystemExit(launch(gpus, [sys.argv[0], *argv]))
     start()
     if not is_main():  # the main process prints for all
         sys.stdout = open(os.devnull, "w")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if note := gpu_note(argv, torch.cuda.device_count()):
-        print(note)
     flags = {k: v for k, v in vars(args).items() if k not in MODES}
     limit = args.time_limit if args.time_limit is not None else (
         KAGGLE_TIME_LIMIT_H if os.environ.get("KAGGLE_KERNEL_RUN_TYPE") else None)
@@ -137,14 +139,14 @@ def main(argv=None) -> None:
                     print(f"{source.parent}/ is read-only: this run writes to {flags['out']}/")
             settings = resumed_settings(Settings(**ckpt["settings"]), flags, str(source))
         print("Settings: " + ", ".join(f"{k}={v}" for k, v in vars(settings).items())
-              + (f"; time limit {limit} h from the start" if limit is not None else ""))
+              + (f"; time limit {limit} h from {time.ctime(session_start())}" if limit is not None else ""))
         if args.check:
             sys.exit(0 if check(settings, limit) else 1)
         if args.lr_find:
             find_lr(settings)
             return
         train(settings, ckpt, str(source) if source else None,
-              deadline=PROCESS_START + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
+              deadline=session_start() + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
     except TwinsError as e:
         raise SystemExit(f"{e.label}: {e}" if is_main() else 1) from None
     except KeyboardInterrupt:  # what was saved and how to resume is printed already

@@ -139,7 +139,7 @@ def main():
     p.add_argument("--patch-size", type=int, default=DEMO["patch_size"])
     p.add_argument("--size", type=int, default=DEMO["size"])
     p.add_argument("--sizes", type=int, nargs="*", help="FLOPs table at these sizes")
-    p.add_argument("--bs", type=int, default=Settings.step_pairs, help="pairs per batch")
+    p.add_argument("--bs", type=int, default=Settings.bs, help="pairs per batch")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--flops-only", action="store_true")
     p.add_argument("--memory-only", action="store_true")

@@ -7,11 +7,12 @@ weights. Prints the figures docs/results.md records; writes its log and a JSON o
 2. fp16 training steps of the Kaggle recipe (ViT-S/16 at 448, GLCA + PWCA), with and without
    --grad-ckpt: pairs/s, and peak memory (allocated and reserved) per pair from two batch sizes;
 3. the occlusion map of one face in fp16 against fp32;
-4. `train.py --fresh --check` on the demo and on the Kaggle model: the --bs auto choice, then training
+4. `train.py --fresh --check` on the demo and on the Kaggle model: the micro-batch search, then training
    steps and a validation pass at that batch, a checkpoint round trip;
 5. one demo epoch, stopped by the time limit, then resumed to the end (test report);
 6. export.py and interpret.py on that run;
-7. with 2+ GPUs, the same demo epoch in one process per GPU (accelerate launch).
+7. with 2+ GPUs (where every command above runs in one process per GPU by itself): the same two demo
+   epochs on all GPUs and on one (CUDA_VISIBLE_DEVICES=0), for pairs/s.
 Without a GPU (to try the script) the same runs on the CPU with 1-pair steps, the maps at the demo
 size, and the Kaggle --check at --bs 1; the arch check and memory figures are skipped.
 """
@@ -99,12 +100,13 @@ def map_precision() -> dict:
             "same_top_window": bool(low.argmax() == full.argmax())}
 
 
-def command(log: Log, work: Path, name: str, args: list, script: str = "train.py", launcher: list | None = None,
-            keep: str = r"^(Batch|Check|Projected|Fits|Does NOT|Test|Stopped|Resuming|Exported|Model|epoch|  python|  accelerate)") -> dict:
+def command(log: Log, work: Path, name: str, args: list, script: str = "train.py", env: dict | None = None,
+            keep: str = r"^(\d+ GPUs|Batch|Check|Projected|Fits|Does NOT|Test|Stopped|Resuming|Exported|Model|epoch|  python)") -> dict:
     """A real run of one of the user's commands in `work`: its exit status, time and telling lines."""
-    cmd = [*(launcher or [sys.executable]), str(ROOT / script), *args]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    log(f"\n$ {' '.join(launcher or ['python'])} {script} {' '.join(args)}")
+    cmd = [sys.executable, str(ROOT / script), *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(env or {})}
+    log(f"\n$ {' '.join(f'{k}={v}' for k, v in (env or {}).items() if k == 'CUDA_VISIBLE_DEVICES')} python {script} "
+        f"{' '.join(args)}")
     t = time.time()
     p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     lines = [ln for ln in p.stdout.splitlines() if re.match(keep, ln)]
@@ -141,11 +143,10 @@ def main() -> int:
             command(log, work, "export", ["--ckpt", "models/ep2", "--out", "models/twins.pkl"], script="export.py"),
             command(log, work, "interpret", ["--learner", "models/twins.pkl", "-k", "2"], script="interpret.py",
                     keep=r"^(Model|models)")]
-    if torch.cuda.device_count() > 1:
-        n = torch.cuda.device_count()
-        runs.append(command(log, work, f"{n}_processes", ["--fresh", "--demo", "--epochs", "1", "--out", "models_ddp",
-                                                         *demo], launcher=["accelerate", "launch", "--multi_gpu",
-                                                                           "--num_processes", str(n)]))
+    if torch.cuda.device_count() > 1:  # the commands above ran in one process per GPU by themselves; one GPU alone:
+        for name, gpus in (("all_gpus", None), ("one_gpu", "0")):
+            runs.append(command(log, work, name, ["--fresh", "--demo", "--epochs", "2", "--out", f"models_{name}", *demo],
+                                env={"CUDA_VISIBLE_DEVICES": gpus} if gpus else None))
     figures["commands"] = runs
     failed = [r["name"] for r in runs if r["rc"]]
     log(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'All passed'}; work folder {work}")

@@ -15,18 +15,22 @@ TINY = ["--arch", "test_vit", "--size", "32", "--patch-size", "8", "--no-pretrai
         "--top-r", "0.25", "--valid-pct", "0.25", "--map-every", "3"]
 
 
-def run(args, cwd, mode="offline", check=True, script="train.py", processes=1):
-    """A real subprocess run of one of the user's commands; with `processes` > 1, README's multi-GPU
-    command (`accelerate launch --multi_gpu`), on CPU processes (gloo)."""
-    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true"}
+def run(args, cwd, mode="offline", check=True, script="train.py", processes=1, accelerate=False, env=None):
+    """A real subprocess run of one of the user's commands. With `processes` > 1: the user's `python
+    train.py` on a machine that reports that many GPUs (`fake_gpus.py`), or with `accelerate`, README's
+    former `accelerate launch --multi_gpu` (both: CPU processes over gloo)."""
+    env = {**os.environ, "WANDB_MODE": mode, "WANDB_SILENT": "true", **(env or {})}
     env.pop("WANDB_API_KEY", None)
     if processes > 1:
         env["OMP_NUM_THREADS"] = "1"  # a thread per process on the CI's 2 cores
-    launcher = [sys.executable] if processes == 1 else [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no"]
-    p = subprocess.run([*launcher, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=900)
+    command = [sys.executable, str(ROOT / script)]
+    if accelerate:
+        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / script)]
+    elif processes > 1:
+        assert processes == 2 and script == "train.py"
+        command = [sys.executable, str(ROOT / "tests" / "fake_gpus.py")]
+    p = subprocess.run([*command, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

@@ -8,8 +8,8 @@ from fastai.callback.core import Callback
 
 import train
 from helpers import TINY, lrs, run, tiny_settings
-from twins.plan import Plan, from_fits, largest_fitting, reshare, training_step
-from twins.errors import CheckpointError
+from twins.plan import Plan, largest_fitting, make_plan, split, training_step
+from twins.errors import TwinsError
 from twins.model import DCAL, encode_all
 from twins.run import StepTimer, build, make_learner, prepare
 from twins.settings import Settings
@@ -36,24 +36,21 @@ def test_batch_search_takes_the_largest_batch_below_the_out_of_memory_limit():
         largest_fitting(broken, 8)
 
 
-@pytest.mark.parametrize("fits, processes, expected", [
-    (40, 1, {"bs": 36, "accum": 1, "lr": 1e-4 * 36 / 16}),  # memory to spare: a larger batch, lr scaled with it
-    (18, 1, {"bs": 16, "accum": 1, "lr": 1e-4}),  # 16 after the margin: the recipe
-    (12, 1, {"bs": 16, "accum": 2, "lr": 1e-4}),  # 10 after the margin: two micro-batches of 8
-    (7, 1, {"bs": 16, "accum": 4, "lr": 1e-4}),  # 6: micro-batches must divide the recipe's batch
-    (1, 1, {"bs": 16, "accum": 16, "lr": 1e-4}),
-    (12, 2, {"bs": 20, "accum": 1, "lr": 1e-4 * 20 / 16}),  # two GPUs of 10: 20 pairs per step
-    (7, 2, {"bs": 16, "accum": 2, "lr": 1e-4}),  # two GPUs of 6: 8 each, in micro-batches of 4
-    (1, 2, {"bs": 16, "accum": 8, "lr": 1e-4}),
-    (4, 3, {"bs": 18, "accum": 2, "lr": 1e-4 * 18 / 16}),  # 16 cannot be shared by 3: 6 each, micro-batches of 3
+@pytest.mark.parametrize("fits, processes, accum", [
+    (40, 1, 1),  # memory to spare: the step in one forward pass, never a larger step
+    (16, 1, 1),
+    (10, 1, 2),  # two micro-batches of 8
+    (6, 1, 4),  # micro-batches must divide the step
+    (1, 1, 16),
+    (40, 2, 1),  # two GPUs: 8 pairs each
+    (6, 2, 2),  # 8 each, in micro-batches of 4
+    (1, 2, 8),
+    (3, 4, 2),  # 4 each, in micro-batches of 2
 ])
-def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, processes, expected):
-    got = from_fits(fits, 16, 1e-4, processes, "r")
-    assert (got.bs, got.accum, got.processes, got.run_id) == (expected["bs"], expected["accum"], processes, "r")
-    assert got.lr == pytest.approx(expected["lr"])
-    share = got.bs // processes
-    assert share * processes == got.bs and share % got.accum == 0
-    assert got.micro_bs == share // got.accum <= max(1, int(fits * 0.9))  # every micro-batch fits
+def test_a_plan_splits_the_recipe_s_step_whatever_the_memory_and_processes(fits, processes, accum):
+    got = split("r", 16, processes, fits)
+    assert got == Plan("r", 16, accum, processes)  # 16 pairs per step on every machine
+    assert got.micro_bs * accum * processes == 16 and got.micro_bs <= fits
 
 
 @pytest.mark.parametrize("run, processes, accum", [
@@ -62,39 +59,62 @@ def test_plan_keeps_the_recipe_or_scales_the_learning_rate(fits, processes, expe
     ({"bs": 16, "accum": 4, "processes": 1}, 2, 2),  # micro-batches of 4 stay 4
     ({"bs": 20, "accum": 1, "processes": 2}, 4, 1),
 ])
-def test_a_resumed_run_keeps_its_steps_on_another_number_of_processes(run, processes, accum):
-    saved = Plan("r", **run, lr=1e-3)
-    got = reshare(saved, processes)
-    assert got == Plan("r", run["bs"], accum, processes, 1e-3)  # the same steps, lr and run
+def test_a_resumed_run_keeps_its_steps_on_another_number_of_processes(run, processes, accum, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    saved = Plan("r", **run)
+    got = make_plan(Settings(bs=7), None, 5, "r", saved)
+    assert got == Plan("r", run["bs"], accum, processes)  # the run's steps, not the settings' bs
     assert got.micro_bs <= saved.micro_bs
 
 
-def test_a_step_that_processes_cannot_share_equally_is_refused():
-    with pytest.raises(CheckpointError, match=r"18 pairs, which 4 processes cannot share equally; resume it with "
-                                              r"1 or 2 or 3 or 6 process"):
-        reshare(Plan("r", 18, 1, 3, 1e-3), 4)
+def test_a_step_that_processes_cannot_share_equally_is_refused(monkeypatch):
+    with pytest.raises(TwinsError, match=r"18 pairs per step cannot be shared equally by 4 processes: use 1 or 2 or "
+                                         r"3 or 6 GPU\(s\)"):
+        split("r", 18, 4, 18)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(TwinsError, match=r"16 pairs per step cannot be shared equally by 3 processes"):
+        make_plan(Settings(), None, 5, "r")
+
+
+def test_a_gpu_that_fits_no_pair_says_what_to_change():
+    def step(bs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(TwinsError, match=r"not even one training pair fits in this GPU's memory: pass --grad-ckpt, or "
+                                         r"a smaller --size"):
+        largest_fitting(step, 4)
 
 
 class CountSteps(Callback):
     def before_fit(self):
-        self.steps = self.batches = 0
+        self.steps, self.batches, self.lrs = [], [], []
+
+    def before_epoch(self):
+        self.steps.append(0)
+        self.batches.append(0)
 
     def after_step(self):
-        self.steps += 1
+        self.steps[-1] += 1
+        self.lrs.append(self.opt.hypers[-1]["lr"])
 
     def after_batch(self):
-        self.batches += self.training
+        self.batches[-1] += self.training
 
 
-def test_gradient_accumulation_steps_once_per_recipe_batch(tiny_demo):
-    s = tiny_settings(tiny_demo)
+def test_accumulation_steps_once_per_step_never_across_epochs_at_the_step_s_learning_rate(tiny_demo):
+    s = tiny_settings(tiny_demo)  # 8 pairs per step
     data = prepare(s)
     data.decode(s.size)
-    learn = make_learner(s, Plan("r", bs=8, accum=2, processes=1, lr=1e-3), data, DCAL.from_settings(s, len(data.classes)))
-    assert learn.dls.train.bs == 4
-    counter = CountSteps()
-    learn.fit(1, 1e-3, cbs=counter)
-    assert counter.batches == len(learn.dls.train) and counter.steps == counter.batches // 2
+    counts = {}
+    for accum in (1, 2, 4):
+        learn = make_learner(s, Plan("r", bs=8, accum=accum, processes=1), data, DCAL.from_settings(s, len(data.classes)))
+        assert learn.dls.train.bs == 8 // accum
+        counts[accum] = CountSteps()
+        learn.fit_one_cycle(2, 1e-3, cbs=counts[accum])
+    steps = len(data.train.paths) // 8  # 53 images: 6 steps an epoch, the incomplete 7th dropped
+    for accum, c in counts.items():
+        assert c.steps == [steps, steps] and c.batches == [steps * accum] * 2, accum
+        assert c.lrs == counts[1].lrs  # the one-cycle schedule by step, whatever the micro-batches
+    assert len(set(counts[1].lrs)) == 2 * steps
 
 
 def test_kaggle_recipe_trains_a_step_and_evaluates_on_the_cpu(tiny_demo):
@@ -132,16 +152,24 @@ def test_time_limit_stops_with_a_checkpoint_that_resumes_like_any_other(fresh_ru
     assert "\r" not in p.stdout and "█" not in p.stdout  # a log file gets lines, not progress bars
 
 
+def test_on_kaggle_the_time_limit_counts_from_the_session_s_start(monkeypatch):
+    import psutil  # accelerate's dependency
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
+    assert train.session_start() == train.PROCESS_START  # elsewhere: this command's start
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")  # a "Save & Run All" version
+    assert train.session_start() == pytest.approx(psutil.Process(1).create_time(), abs=1.0)  # the container's start
+    assert train.session_start() <= train.PROCESS_START
+
+
 def test_check_runs_every_step_and_projects_the_run(tiny_demo, tmp_path, monkeypatch, capsys):
     json_dir, images = tiny_demo
     monkeypatch.chdir(tmp_path)
     args = ["--fresh", "--check", *TINY, "--data", str(json_dir), "--data-root", str(images), "--no-wandb"]
     with pytest.raises(SystemExit) as stop:
-        train.main([*args, "--bs", "auto", "--epochs", "40"])
+        train.main([*args, "--bs", "16", "--epochs", "40"])
     out = capsys.readouterr().out
     assert stop.value.code == 0, out
-    for line in ("Batch: the recipe's 16 pairs in each process (no GPU to measure)",
-                 "Batch: 16 pairs per optimiser step, peak lr 0.001", "Check data and model: ",
+    for line in ("Batch: 16 pairs per optimiser step\n", "Check data and model: ",
                  "Check training steps: ", "pairs/s", "Check checkpoint: written", "read back and resumed",
                  "Check passed.", "for 40 epochs", "Fits a Kaggle session"):
         assert line in out, line
@@ -158,5 +186,7 @@ def test_lr_find_saves_the_plot_and_suggests_a_learning_rate(tiny_demo, tmp_path
     train.main(["--fresh", "--lr-find", *TINY, "--data", str(json_dir), "--data-root", str(images), "--no-wandb"])
     out = capsys.readouterr().out
     assert (tmp_path / "models" / "lr_find.png").stat().st_size > 5000
-    assert "lr_find at 8 pairs per step: valley" in out and "--lr" in out
+    assert "lr_find on CPU (" in out and "8 pairs per optimiser step: valley" in out
+    valley = float(out.split("valley ")[1].split()[0])
+    assert f"python train.py --fresh --lr {valley:.3g}" in out  # the lr of the run's own step, not rescaled
     assert not list((tmp_path / "models").glob("*.pth"))  # no training kept

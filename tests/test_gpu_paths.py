@@ -160,3 +160,21 @@ def test_a_checkpoint_becomes_a_model_on_the_device_asked_for(fresh_run):
     assert {p.device.type for p in model.parameters()} == {"meta"} and not model.training
     model, _, _ = model_from_checkpoint(work / "models" / "ep7.pth")  # default: the GPU where there is one
     assert {p.device.type for p in model.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def test_export_interpret_and_an_exported_learner_check_the_gpu_before_using_it(fresh_run, monkeypatch, tmp_path):
+    import export
+    import interpret
+    from twins.inference import open_learner
+    work, _, _ = fresh_run
+    ckpt = str(work / "models" / "ep7.pth")
+    export.main(["--ckpt", ckpt, "--out", str(tmp_path / "twins.pkl")])  # on the CPU, before the fake GPU
+    fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), BUILDS["cu128"])  # Kaggle's torch on a P100
+    refusal = r"(?s)^Error: torch .* has no kernels for Tesla P100-PCIE-16GB \(sm_60;.*on Kaggle, pick GPU T4 x2"
+    with pytest.raises(SystemExit, match=refusal):
+        export.main(["--ckpt", ckpt, "--out", str(tmp_path / "again.pkl")])
+    with pytest.raises(SystemExit, match=refusal):
+        interpret.main(["--ckpt", ckpt, "--pair", __file__, __file__])
+    with pytest.raises(TwinsError, match="has no kernels for Tesla P100"):
+        open_learner(tmp_path / "twins.pkl")
+    assert not (tmp_path / "again.pkl").exists()

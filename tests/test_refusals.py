@@ -64,7 +64,7 @@ def test_a_photo_stored_on_its_side_is_used_upright(tmp_path):
     ("--top-r", "0", "a share above 0, at most 1"), ("--top-r", "1.5", "a share above 0, at most 1"),
     ("--save-every", "0", "at least 1"), ("--map-every", "0", "at least 1"), ("--size", "0", "at least 1"),
     ("--drop-path", "1.5", "a share from 0 to below 1"), ("--valid-pct", "1", "a share from 0 to below 1"),
-    ("--wd", "-0.1", "a weight decay of at least 0"), ("--bs", "0", "at least 1, or auto"),
+    ("--wd", "-0.1", "a weight decay of at least 0"), ("--bs", "0", "at least 1"),
     ("--time-limit", "-2", "hours, at least 0"), ("--epochs", "many", "a whole number"),
 ])
 def test_numbers_that_make_no_sense_are_refused_at_parse_time(flag, value, says, capsys):

@@ -218,7 +218,7 @@ def test_interpret_says_which_model_and_names_bad_files(fresh_run, tiny_demo, tm
 
 def test_wandb_mode_is_decided_at_once_and_said(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    s, plan = Settings(wandb_project="p", wandb_entity="e"), Plan("r", 16, 1, 1, 1e-4)
+    s, plan = Settings(wandb_project="p", wandb_entity="e"), Plan("r", 16, 1, 1)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: the network is down

@@ -18,9 +18,9 @@ HOLDERS = {"s", "settings", "saved", "plan"}  # the names settings and plans go 
 
 
 def test_settings_and_plan_are_frozen_and_no_code_writes_to_them():
-    for value in (Settings(), Plan("r", 16, 1, 1, 1e-4)):
+    for value in (Settings(), Plan("r", 16, 1, 1)):
         with pytest.raises(dataclasses.FrozenInstanceError):
-            value.lr = 1.0
+            value.bs = 1
     for path in PRODUCTION:
         for node in ast.walk(ast.parse(path.read_text())):
             targets = (node.targets if isinstance(node, ast.Assign) else
@@ -43,11 +43,11 @@ def test_a_resume_takes_the_run_s_settings_and_only_the_flags_it_may(capsys):
     assert moved == dataclasses.replace(saved, out="elsewhere", data_root="/kaggle/input/x")
     assert resumed_settings(saved, {**flags, "epochs": 9}, "ep5.pth").epochs == 9
     assert "re-planned over 9" in capsys.readouterr().out
-    with pytest.raises(CheckpointError, match=r"would change: --lr 0.01 \(the run's: 0.001\); --bs 4 \(the run's: auto\)"):
+    with pytest.raises(CheckpointError, match=r"would change: --bs 4 \(the run's: 16\); --lr 0.01 \(the run's: 0.001\)"):
         resumed_settings(saved, {**flags, "lr": 1e-2, "bs": 4}, "ep5.pth")
     with pytest.raises(CheckpointError, match=r"checkpoint ep5.pth does not match this run \(size: checkpoint 32 vs 48\)"):
         resumed_settings(saved, {**flags, "size": 48}, "ep5.pth")
-    assert {"lr", "wd", "seed", "valid_pct", "bs", "step_pairs", "drop_path"}.isdisjoint(RESUMABLE)
+    assert {"lr", "wd", "seed", "valid_pct", "bs", "drop_path"}.isdisjoint(RESUMABLE)
 
 
 def test_the_checkpoint_holds_the_user_s_settings_and_the_plan_apart(fresh_run):
@@ -57,15 +57,15 @@ def test_the_checkpoint_holds_the_user_s_settings_and_the_plan_apart(fresh_run):
     chosen = fresh_settings({k: v for k, v in vars(args).items() if k not in train.MODES}, demo=False)
     assert ckpt["settings"] == dataclasses.asdict(chosen)  # exactly as chosen: nothing derived written back
     plan = Plan(**ckpt["plan"])
-    assert (plan.bs, plan.accum, plan.processes, plan.lr) == (8, 1, 1, 1e-3) and len(plan.run_id) == 8
+    assert (plan.bs, plan.accum, plan.processes) == (8, 1, 1) and len(plan.run_id) == 8
     assert set(ckpt["settings"]).isdisjoint({"run_id", "accum", "processes"})
     assert Path(work / "models" / "run.json").read_text().count(plan.run_id) == 2  # the run's id and its plan's
 
 
 def test_what_the_program_derives_stays_in_the_plan(tiny_demo):
-    s = tiny_settings(tiny_demo, bs="auto")  # the CPU: step_pairs in each process, derived
+    s = tiny_settings(tiny_demo, bs=4)
     learn = build(s, prepare(s), run_id="r")
-    assert learn.settings is s and s.bs == "auto"
-    assert learn.plan == Plan("r", bs=16, accum=1, processes=1, lr=1e-3)
+    assert learn.settings is s and s.bs == 4
+    assert learn.plan == Plan("r", bs=4, accum=1, processes=1)
     meta = run_meta(learn, [], None)
     assert meta["settings"] == dataclasses.asdict(s) and meta["plan"] == dataclasses.asdict(learn.plan)

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelBatchException, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.tracker import TerminateOnNaNCallback
 from fastai.callback.wandb import WandbCallback
 from fastai.learner import Recorder
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import epoch_path, restore_run_state, snapshot, write_atomic
 from .data import Split
-from .distributed import bare, share
+from .distributed import bare, gather, rank, share, world
 from .model import encode_all
 from .tracking import log_figure, wandb_run
 from .viz import maps_of, plot_pairs
@@ -86,18 +88,53 @@ class EveryNEpochs(Callback):
         raise NotImplementedError
 
 
-class StopOnNaN(TerminateOnNaNCallback):
-    """fastai's check of every training loss; what went wrong is left in `learn.diverged` (what to do,
-    for `run.fit` to raise): fastai's own only cancels the fit, and the run would go on to a report of
-    NaN embeddings."""
+class AgreedStop(Callback):
+    """Stops that every process agrees on, at the same batch: a non-finite training loss in any
+    process, a signal to any (`request`, from run.py's handlers), a checkpoint that could not be
+    written (`request` by the writer). After every loss, before any gradient is exchanged, the
+    processes exchange their reasons (one small all-gather; nothing with one process); all then cancel
+    the fit together, so no process is left waiting in a collective. `learn.stop` says (kind, why)."""
+    order, reason = TerminateOnNaNCallback.order, None
 
-    def after_batch(self):
-        try:
-            super().after_batch()
-        except CancelFitException:
-            self.learn.diverged = (f"the training loss became {float(self.loss.detach())} in epoch {self.epoch + 1} "
-                                   f"(step {self.iter + 1})")
-            raise
+    def before_fit(self):
+        self.learn.stop = None
+
+    def request(self, kind: str, why: str):
+        self.reason = self.reason or (kind, why)
+
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.loss):
+            where = f" in process {rank() + 1} of {world()}" if world() > 1 else ""
+            self.request("diverged", f"the training loss became {float(self.loss.detach())}{where} in epoch "
+                         f"{self.epoch + 1} (step {self.iter // self.plan.accum + 1})")
+        agreed = next((r for r in gather(self.reason) if r), None)
+        if agreed:
+            self.learn.stop = agreed
+            raise CancelFitException()
+
+
+class StepAccumulation(Callback):
+    """An optimiser step every `accum` micro-batches, of their mean gradient, all-reduced once per step
+    (what DDP's `no_sync` sets, for the others), at the learning rate and momentum of the step's place in
+    the one-cycle schedule: a step trains the same whichever processes and micro-batches share it. The
+    loader gives each process whole steps (`data.shard`), so no step straddles two epochs. (fastai's
+    GradientAccumulation counts across epochs, all-reduces every micro-batch and schedules per batch.)"""
+    order, run_valid = MixedPrecision.order - 4, False  # as fastai's: before the loss scaler's step
+
+    def before_batch(self):
+        self.last = (self.iter + 1) % self.plan.accum == 0
+        if isinstance(self.model, DistributedDataParallel):
+            self.model.require_backward_grad_sync = self.last
+
+    def after_loss(self):
+        self.learn.loss_grad = self.loss_grad / self.plan.accum
+
+    def before_step(self):
+        if not self.last:
+            raise CancelBatchException()  # keep the gradients: no step, no zero_grad
+        if (sched := getattr(self.learn, "param_scheduler", None)) is not None:  # fastai's, by train step
+            steps = self.n_iter // self.plan.accum
+            sched._update_val((self.epoch * steps + self.iter // self.plan.accum) / (self.n_epoch * steps))
 
 
 class Checkpoint(EveryNEpochs):
@@ -115,14 +152,14 @@ class Checkpoint(EveryNEpochs):
     def after_epoch(self):
         if self.trained:
             if not all(p.isfinite().all() for p in self.model.parameters()):  # never a NaN checkpoint
-                self.learn.diverged = f"the weights became NaN or infinite in epoch {self.epoch + 1}"
-                raise CancelFitException()
+                self.agreed_stop.request("diverged", f"the weights became NaN or infinite in epoch {self.epoch + 1}")
+                return
             self.last = (self.epoch + 1, snapshot(self.learn, self.epoch + 1, self.meta))
         super().after_epoch()
 
     def act(self, done: int):
-        if self.save_last() is None:
-            raise CancelFitException()  # no training without its checkpoints
+        if self.save_last() is None:  # no training without its checkpoints
+            self.agreed_stop.request("disk", self.failed)
 
     def after_fit(self):
         self.save_last()

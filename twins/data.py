@@ -367,19 +367,17 @@ class TwinPairs:
         return i
 
 
-def shard(order: list[int], bs: int, rank: int, world: int, drop_last: bool) -> list[int]:
-    """The part of an epoch's anchor `order` that process `rank` of `world` takes, `bs` per batch.
-    Batch k of every process together is `order[k*world*bs : (k+1)*world*bs]`, process r holding its
-    r-th slice: a step sees the anchors one process would see with `world * bs` pairs, and gathering
-    a batch across processes (in process order) gives back `order`'s sequence. With `drop_last`
-    the incomplete last global batch is dropped (len(order) mod world*bs anchors, as one process
-    drops its incomplete last batch); without, it is split in `world` equal slices, the last padded
-    with repeats of its final anchor: the padding comes after every real anchor once gathered."""
-    if world == 1:
-        return list(order)
-    step = world * bs
+def shard(order: list[int], share: int, rank: int, world: int, drop_last: bool) -> list[int]:
+    """The part of an epoch's anchor `order` that process `rank` of `world` takes: of each step of
+    `world * share` anchors (`order[k*world*share : (k+1)*world*share]`), the r-th slice of `share`. A
+    step thus sees the anchors one process would see with `world * share` pairs, and gathering across
+    processes (in process order) gives back `order`'s sequence. With `drop_last` (training) the
+    incomplete last step is dropped, so no step straddles two epochs; without (validation), it is split
+    in `world` equal slices, the last padded with repeats of its final anchor: the padding comes after
+    every real anchor once gathered."""
+    step = world * share
     full = len(order) // step * step
-    mine = [i for k in range(0, full, step) for i in order[k + rank * bs:k + (rank + 1) * bs]]
+    mine = [i for k in range(0, full, step) for i in order[k + rank * share:k + (rank + 1) * share]]
     tail = order[full:]
     if drop_last or not tail:
         return mine
@@ -391,35 +389,48 @@ def shard(order: list[int], bs: int, rank: int, world: int, drop_last: bool) -> 
 class PairDL(DataLoader):
     """A fastai DataLoader over `TwinPairs`: a batch is gathered straight from the RAM cache (no
     per-item work). Shuffled from (seed, epoch), so every process draws the same order without
-    communicating; with several processes each takes its `shard`."""
+    communicating; with several processes each takes its `shard` of every step (`accum` batches of
+    `bs` pairs each). A training batch's random draws (augmentation, drop-path) come from (seed, epoch,
+    step, its slot in the step), so a step trains the same whichever processes and micro-batches share it."""
     n_inp = 2  # the model is called as model(img_a, img_b); the targets are (same, id_a, id_b)
+
+    def __init__(self, *args, accum: int = 1, **kwargs):
+        self.accum = accum
+        super().__init__(*args, **kwargs)
 
     def shuffle_fn(self, idxs):
         ds = self.dataset
         return np.random.default_rng([ds.seed, ds.epoch, 1]).permutation(idxs).tolist()
 
     def get_idxs(self):
-        return shard(super().get_idxs(), self.bs, rank(), world(), self.drop_last)
+        return shard(super().get_idxs(), self.bs * self.accum, rank(), world(), self.drop_last)
 
     def __len__(self):
-        step = world() * self.bs
-        return self.n // step + (0 if self.drop_last or self.n % step == 0 else 1)
+        step = world() * self.bs * self.accum
+        return self.n // step * self.accum if self.drop_last else -(-self.n // (world() * self.bs))
+
+    def before_iter(self):
+        super().before_iter()
+        self.batches = 0
 
     def create_batch(self, b):
         ds = self.dataset
+        if self.shuffle:  # training
+            step, slot = divmod(self.batches, self.accum)
+            seed = np.random.SeedSequence([ds.seed, ds.epoch, step, rank() * self.accum + slot])
+            set_seed(int(seed.generate_state(1)[0]))
+            self.batches += 1
         a = torch.as_tensor(b)
         p = ds.partner[a]
         return (TensorImage(ds.cache[a]), TensorImage(ds.cache[p]), ds.same[a].float(), ds.label[a], ds.label[p])
 
 
 class RedrawPairs(Callback):
-    """Every random draw of an epoch comes from the seed and fastai's epoch number, so that a resumed
-    run trains as the uninterrupted run: the pairs and their order (the same in every process), and
-    python's, numpy's and torch's generators (augmentation, drop-path; one stream per process)."""
+    """Every epoch's pairs and their order from the seed and fastai's epoch number (the same in every
+    process), so that a resumed run trains as the uninterrupted run (the batches' own draws: `PairDL`)."""
 
     def before_train(self):
         self.dls.train.dataset.resample(self.epoch)
-        set_seed(int(np.random.SeedSequence([self.dls.train.dataset.seed, self.epoch, rank()]).generate_state(1)[0]))
 
 
 class PairAugment(ItemTransform):
@@ -446,12 +457,12 @@ def normalizer(mean, std) -> Normalize:
 
 
 def pair_dataloaders(train: Split, valid: Split | None, train_cache: torch.Tensor, valid_cache: torch.Tensor | None,
-                     classes: dict[str, int], bs: int, size: int, mean, std, seed: int,
+                     classes: dict[str, int], bs: int, size: int, mean, std, seed: int, accum: int = 1,
                      device: torch.device | None = None) -> DataLoaders:
-    """Training pairs (redrawn each epoch, augmented) and fixed validation pairs (every validation
-    image anchors once, in image order: the verification metrics rely on that order)."""
+    """Training pairs (redrawn each epoch, augmented; `accum` batches of `bs` per step) and fixed
+    validation pairs (every validation image anchors once, in image order: the metrics rely on it)."""
     norm = normalizer(mean, std)
-    train_dl = PairDL(TwinPairs(train, train_cache, classes, seed, fixed=False), bs=bs, shuffle=True,
+    train_dl = PairDL(TwinPairs(train, train_cache, classes, seed, fixed=False), bs=bs, accum=accum, shuffle=True,
                       drop_last=True, after_batch=Pipeline([IntToFloatTensor(), PairAugment(size), norm], split_idx=0),
                       device=device)
     dls = [train_dl]

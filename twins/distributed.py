@@ -1,8 +1,11 @@
-"""One run trained by several processes, one per GPU (started by `accelerate launch` or `torchrun`):
-which process this is, sharing and gathering values, and fastai's DDP callback.
-Plain `python train.py` is the one-process case: every helper is then a no-op."""
+"""One run trained by several processes, one per GPU: starting them (`launch`, from plain `python
+train.py`; `accelerate launch` and `torchrun` work too), which process this is, sharing and gathering
+values, and fastai's DDP callback. In one process every helper is a no-op."""
 from __future__ import annotations
 
+import logging
+import sys
+import uuid
 from typing import Callable, TypeVar
 
 import torch
@@ -66,11 +69,31 @@ def bare(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def launch_command(args: str) -> str:
-    """The command line that runs `train.py args` as this run runs (one process, or one per GPU)."""
-    if world() == 1:
-        return f"python train.py {args}"
-    return f"accelerate launch --multi_gpu --num_processes {world()} train.py {args}"
+def launch(n: int, argv: list[str]) -> int:
+    """`python argv...` in `n` processes, one per GPU, started by torch's elastic launcher (what `torchrun`
+    and `accelerate launch` run: each process gets its rank and the rendezvous in its environment; a
+    stray process is stopped when another fails, and a signal to this one reaches them all). Returns
+    the exit status: the main process's, which reports every stop (all processes agree on them; the
+    others then end with 0), else the failed process's."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.disable(logging.CRITICAL)  # the launcher's own reports of a failure: the processes said it already
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1)
+    try:
+        elastic_launch(config, sys.executable)(*argv)
+        return 0
+    except SignalException:  # forwarded to the processes, which stopped (the main one said how)
+        return 130
+    except ChildFailedError as e:
+        failed = {f.local_rank: f.exitcode for f in e.failures.values()}
+        rank = min(failed, key=lambda r: (failed[r] <= 0, r))  # the main one, unless only stopped by the launcher
+        code = failed[rank]
+        if rank:
+            print(f"Process {rank + 1} of {n} failed (exit status {code}); its error is above", file=sys.stderr)
+        return code if code > 0 else 128 - code  # killed by signal -code
 
 
 class Distributed(DistributedTrainer):

@@ -17,7 +17,7 @@ from .data import PairDL, Split, TwinPairs, build_cache, load_faces, normalizer,
 from .errors import CheckpointError, DataError
 from .evaluate import choose_threshold, embed_images
 from .loss import DCALLoss
-from .model import encode_all
+from .model import device, encode_all
 from .metrics import protocol_scores
 from .explain import pair_maps
 from .settings import Settings
@@ -65,7 +65,7 @@ def open_learner(path: str | Path) -> Learner:
     if not p.is_file():
         raise CheckpointError(f"exported learner {p} does not exist; run python export.py first")
     try:
-        learn = load_learner(p, cpu=not torch.cuda.is_available())
+        learn = load_learner(p, cpu=device().type == "cpu")
     except Exception as e:  # a truncated or foreign pickle raises anything
         raise CheckpointError(f"exported learner {p} cannot be read ({type(e).__name__}: {e}); export it again "
                               "with python export.py") from None

@@ -87,8 +87,12 @@ def rollout_row(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 def device() -> torch.device:
-    """Where training and inference run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where training and inference run: the GPU when there is one and this torch has kernels for it
+    (`check_cuda_arch`, here so that every path to the GPU checks)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    check_cuda_arch()
+    return torch.device("cuda")
 
 
 def mixed_precision(dev: torch.device):
@@ -284,6 +288,8 @@ def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
     """Every cached image through SA + GLCA (eval mode: no PWCA, no augmentation): class tokens,
     rollout, GLCA-selected patches, on the CPU."""
     dev = next(model.parameters()).device
+    if dev.type == "cuda":  # a model put on the GPU by the caller (load_learner(..., cpu=False))
+        check_cuda_arch()
     model.eval()
     parts = []
     for i in range(0, len(cache), bs):
@@ -326,7 +332,7 @@ def check_cuda_arch() -> None:
         return
     name, arch = torch.cuda.get_device_name(dev), "sm_{}{}".format(*capability)
     remedy = (f"install a CUDA 12.6 build first (a few minutes, no restart needed):\n  {CU126_INSTALL}\n"
-              "or, on Kaggle, pick the T4 accelerator" if runs_on(capability, list(CU126_ARCHS)) else
+              "or, on Kaggle, pick GPU T4 x2" if runs_on(capability, list(CU126_ARCHS)) else
               "install a torch build whose arch list has it: https://pytorch.org/get-started/locally/")
     raise TwinsError(f"torch {torch.__version__} has no kernels for {name} ({arch}; it has {' '.join(supported)}): "
                      + remedy)

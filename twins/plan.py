@@ -1,7 +1,7 @@
 """What a run derives on this machine, computed once (`make_plan`) and never written back into the
-settings: the run's id and how its steps are split. `--bs auto` takes the largest batch that survives
-real training steps of this model at this size (accelerate's search) less a margin; below the
-settings' `step_pairs`, gradients are accumulated so that the optimisation stays the one planned."""
+settings: the run's id and how its steps are split. The optimisation is the settings' alone (`bs` pairs
+per step at `lr`); the machine decides only each process's share of a step and, where a share does not
+fit in GPU memory, the micro-batches it is taken in (accelerate's search, less a margin)."""
 from __future__ import annotations
 
 import copy
@@ -13,25 +13,23 @@ import torch
 from accelerate.utils import find_executable_batch_size
 
 from .distributed import gather, world
-from .errors import CheckpointError
+from .errors import TwinsError
 from .loss import DCALLoss
 from .model import DCAL, device, mixed_precision
 from .settings import Settings
 
 MARGIN = 0.1  # fewer pairs than the largest that fit: validation, heatmaps and fragmentation need room too
-MAX_FACTOR = 2  # the search starts at this multiple of the settings' step_pairs
 MAX_PROBE_STEPS = 20  # each overflow halves the loss scale: 65536 reaches 1 in 16 steps
 
 
 @dataclass(frozen=True)
 class Plan:
     """How a run trains on this machine: `bs` pairs per optimiser step (all processes together),
-    shared by `processes` processes, each in `accum` micro-batches; the peak `lr` for that batch."""
+    shared by `processes` processes, each in `accum` micro-batches."""
     run_id: str
     bs: int
     accum: int
     processes: int
-    lr: float
     branched_from: str | None = None  # the run whose checkpoint this one continued in another folder
 
     @property
@@ -44,18 +42,23 @@ class Plan:
         parts = [f"{n} processes x {share}"] if n > 1 else []
         if self.accum > 1:
             parts.append(f"{self.accum} micro-batches of {self.micro_bs}" + (" each" if n > 1 else ""))
-        return (f"{self.bs} pairs per optimiser step" + (f" ({', '.join(parts)})" if parts else "")
-                + f", peak lr {self.lr:.3g}")
+        return f"{self.bs} pairs per optimiser step" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def largest_fitting(step: Callable[[int], None], start: int) -> int:
     """The first batch size, from `start` down by accelerate's 10 % steps, for which `step(batch)`
-    runs without running out of memory."""
+    runs without running out of memory; TwinsError when not even one pair fits."""
     @find_executable_batch_size(starting_batch_size=start)
     def probe(batch_size: int) -> int:
         step(batch_size)
         return batch_size
-    return probe()
+    try:
+        return probe()
+    except RuntimeError as e:
+        if "No executable batch size found" not in str(e):
+            raise
+        raise TwinsError("not even one training pair fits in this GPU's memory: pass --grad-ckpt, or a smaller "
+                         "--size") from None
 
 
 def micro_batch(share: int, limit: int) -> int:
@@ -63,36 +66,23 @@ def micro_batch(share: int, limit: int) -> int:
     return max(d for d in range(1, min(share, limit) + 1) if share % d == 0)
 
 
-def from_fits(fits: int, step_pairs: int, lr: float, processes: int, run_id: str) -> Plan:
-    """The plan from the largest batch that fits one process's GPU. Memory to spare: every process
-    fills its GPU, `lr` scaled linearly with the pairs per step. Memory short: `step_pairs` pairs per
-    step (rounded up to a multiple of `processes`), shared by the processes, each in equal micro-batches."""
-    safe = max(1, int(fits * (1 - MARGIN)))
-    if safe * processes >= step_pairs:
-        bs, accum = safe * processes, 1
-    else:
-        share = -(-step_pairs // processes)
-        bs, accum = share * processes, share // micro_batch(share, safe)
-    return Plan(run_id, bs, accum, processes, lr * bs / step_pairs)
-
-
-def reshare(plan: Plan, processes: int) -> Plan:
-    """A run's steps taken by another number of processes (a resume on more or fewer GPUs): the same
-    pairs per step and learning rate, each process's share in micro-batches no larger than the run's
-    (the memory known to fit)."""
-    if plan.bs % processes:
-        fit = [n for n in range(1, plan.bs + 1) if plan.bs % n == 0 and n <= 8]
-        raise CheckpointError(f"this run steps with {plan.bs} pairs, which {processes} processes cannot share "
-                              f"equally; resume it with {' or '.join(map(str, fit))} process(es)")
-    share = plan.bs // processes
-    return replace(plan, accum=share // micro_batch(share, plan.micro_bs), processes=processes)
+def split(run_id: str, bs: int, processes: int, fits: int) -> Plan:
+    """`bs` pairs per step shared equally by `processes`, each share in equal micro-batches of at most
+    `fits` pairs."""
+    if bs % processes:
+        fit = [n for n in range(1, min(bs, 8) + 1) if bs % n == 0]
+        raise TwinsError(f"{bs} pairs per step cannot be shared equally by {processes} processes: use "
+                         f"{' or '.join(map(str, fit))} GPU(s) (CUDA_VISIBLE_DEVICES=0,1,...), or a fresh run with a "
+                         f"--bs that {processes} divides")
+    share = bs // processes
+    return Plan(run_id, bs, share // micro_batch(share, fits), processes)
 
 
 def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan | None = None) -> Plan:
-    """The plan of a run: a resumed run's own (shared by the processes that run now; under `run_id`, a
-    branch, when that is not the saved run's); `--bs N`: N pairs
-    on each process; `--bs auto`: on CUDA the largest batch that fits in every process, on the CPU
-    `step_pairs` in each process (lr scaled with the processes)."""
+    """The plan of a run: `s.bs` pairs per step shared by the processes that run now, in micro-batches
+    no larger than what fits (measured on CUDA, less MARGIN; a resumed run's own micro-batch at most:
+    the memory known to fit; the whole share on the CPU). Under `run_id`, a branch when it is not the
+    saved run's."""
     n = world()
     if saved is not None:
         if run_id != saved.run_id:  # a resume into another folder: a run of its own
@@ -100,22 +90,19 @@ def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan
         if saved.processes == n:
             return saved
         print(f"The run was trained by {saved.processes} process(es); {n} continue it with the same steps")
-        return reshare(saved, n)
-    if s.bs != "auto":
-        return Plan(run_id, s.bs * n, 1, n, s.lr)
-    scaled = f"; lr scaled linearly from {s.lr:.3g} at {s.step_pairs} pairs"
+        return replace(split(run_id, saved.bs, n, saved.micro_bs), branched_from=saved.branched_from)
+    plan = split(run_id, s.bs, n, s.bs)  # each share in one forward pass; refused when n cannot share a step
     if not torch.cuda.is_available():
-        print(f"Batch: the recipe's {s.step_pairs} pairs in each process (no GPU to measure)" + (scaled if n > 1 else ""))
-        return Plan(run_id, s.step_pairs * n, 1, n, s.lr * n)
-    start = MAX_FACTOR * s.step_pairs
-    print(f"Batch: searching the largest that fits on {torch.cuda.get_device_name()}, from {start} pairs down")
+        return plan
+    start = int(plan.micro_bs / (1 - MARGIN)) + 1  # a share that fits with MARGIN to spare is taken whole
+    print(f"Batch: measuring the largest micro-batch that fits on {torch.cuda.get_device_name()}, from {start} "
+          "pairs down")
     t = time.time()
     fits = min(gather(largest_fitting(training_step(model, n_classes, s.size, device()), start)))
     torch.cuda.empty_cache()
-    plan = from_fits(fits, s.step_pairs, s.lr, n, run_id)
     print(f"Batch: {fits} pairs fit{' on each GPU' if n > 1 else ''} (search {time.time() - t:.1f} s), "
-          f"{MARGIN:.0%} kept free" + (scaled if plan.lr != s.lr else ""))
-    return plan
+          f"{MARGIN:.0%} kept free")
+    return split(run_id, s.bs, n, max(1, int(fits * (1 - MARGIN))))
 
 
 def training_step(model: DCAL, n_classes: int, size: int, dev: torch.device) -> Callable[[int], None]:

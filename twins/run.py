@@ -13,6 +13,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import fastai
 import matplotlib.pyplot as plt
@@ -20,18 +21,17 @@ import timm
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
-from .callbacks import (AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState, StopOnNaN,
-                        TimmWeightDecay, span)
+from .callbacks import (AgreedStop, AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState,
+                        StepAccumulation, TimmWeightDecay, span)
 from .checkpoint import (check_classes, claim_for_fresh, claim_for_resume, epoch_path, load_checkpoint, locked,
                          new_run_id, restore, run_meta, snapshot, write_atomic, write_run_json)
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
-from .distributed import Distributed, is_main, launch_command, on_main
+from .distributed import Distributed, is_main, on_main, share
 from .errors import CheckpointError, DataError, DivergedError
 from .evaluate import evaluate
 from .explain import KINDS, SUMMARY_PAIRS, pair_maps, write_summary
@@ -54,7 +54,7 @@ def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) ->
                               f"{s.epochs}; pass a larger --epochs to train further")
     set_seed(s.seed)  # python, numpy and torch: fastai's shuffling draws from python's random
     data = prepare_data(s)
-    if s.bs != "auto" and s.bs > len(data.train.paths):
+    if s.bs > len(data.train.paths):
         raise DataError(f"--bs {s.bs}: more pairs per step than the {len(data.train.paths)} training images (each "
                         "anchors one pair per epoch); pass a smaller --bs")
     if ckpt is not None:
@@ -82,14 +82,13 @@ def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learne
     settings and the plan live on it (`learn.settings`, `learn.plan`), where callbacks read them."""
     dc = model.data_config
     dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
-                           bs=plan.micro_bs, size=s.size, mean=dc["mean"], std=dc["std"], seed=s.seed, device=device())
+                           bs=plan.micro_bs, size=s.size, mean=dc["mean"], std=dc["std"], seed=s.seed, accum=plan.accum,
+                           device=device())
     metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
-    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs(), StopOnNaN()]
-    if plan.accum > 1:
-        cbs.append(GradientAccumulation(n_acc=plan.bs // plan.processes))  # this process's pairs per step
+    cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs(), AgreedStop(), StepAccumulation()]
     if plan.processes > 1:
         cbs.append(Distributed())
-    learn = Learner(dls, model, loss_func=DCALLoss(), opt_func=partial(Adam, eps=1e-6), lr=plan.lr, wd=s.wd,
+    learn = Learner(dls, model, loss_func=DCALLoss(), opt_func=partial(Adam, eps=1e-6), lr=s.lr, wd=s.wd,
                     metrics=metrics, cbs=cbs, path=".", model_dir=s.out)
     if len(dls.train) == 0:  # every process's share of a step larger than its share of the images
         raise DataError(f"{plan} leaves no full step in the {len(data.train.paths)} training images; pass a smaller --bs")
@@ -118,18 +117,23 @@ def build(s: Settings, data: TwinData, ckpt: dict | None = None, source: str | N
 
 
 @contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (a notebook stopped, a job killed) stops training like Ctrl-C: with a checkpoint."""
+def on_signals(handler: Callable[[str], None]):
+    """`handler(name)` on SIGTERM (a notebook stopped, a job killed, the launcher), SIGINT (Ctrl-C) and
+    SIGHUP (a closed terminal) while inside; the previous handlers after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    def stop(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, lambda signum, frame: handler(signal.Signals(signum).name))
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def interrupt(name: str):
+    raise KeyboardInterrupt(name)
 
 
 def train(s: Settings, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None,
@@ -139,7 +143,7 @@ def train(s: Settings, ckpt: dict | None = None, source: str | None = None, dead
     `deadline` (a time.time() value) with a checkpoint to resume. Ctrl-C or SIGTERM: the last trained
     epoch is saved, the resume command printed, and KeyboardInterrupt raised."""
     data = prepare(s, ckpt, source)
-    with ExitStack() as held, sigterm_as_interrupt():
+    with ExitStack() as held, on_signals(interrupt):
         run_id = on_main(partial(claim, held, s, ckpt, source, overwrite))  # the main process alone writes
         learn = build(s, data, ckpt, source, run_id)
         if is_main():
@@ -151,10 +155,12 @@ def train(s: Settings, ckpt: dict | None = None, source: str | None = None, dead
 
 
 def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, deadline: float | None) -> dict | None:
-    """Train to the end (then the test report) or to a stop. Every process trains; the main process
-    alone writes checkpoints, maps and the report, and logs to W&B."""
+    """Train to the end (then the test report) or to a stop that every process agrees on (a signal, a
+    non-finite loss, a checkpoint not written, the time limit). Every process trains; the main process
+    alone writes checkpoints, maps and the report, logs to W&B, and says why a run stopped (the others
+    then return None quietly)."""
     s, out = learn.settings, Path(learn.settings.out)
-    report = EpochReport(deadline)
+    report, agreed = EpochReport(deadline), learn.agreed_stop
     cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None)]
     run = saver = None
     if is_main():
@@ -168,38 +174,44 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
             split = "valid" if data.valid is not None else "train"
             cbs.append(AttentionMaps(getattr(data, split), data.caches[split], out / "maps", s.map_every, n=4,
                                      seed=s.seed))
+    status = 1  # W&B's exit code, unless the run goes on to its report
     try:
-        learn.fit_one_cycle(s.epochs, learn.plan.lr, cbs=cbs, start_epoch=ckpt["epoch"] if ckpt else 0)
-    except KeyboardInterrupt as e:
-        path = (saver.save_last() if saver else None) or source  # nothing trained since the resume: its own
-        why = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
-        print(f"\nStopped by {why} during epoch {learn.epoch + 1}. " + (
-            f"Checkpoint of the last completed epoch: {path}; continue with:\n  {launch_command(f'--resume {path}')}"
-            if path else "No epoch was completed: nothing to resume."), flush=True)
-        if run is not None:
-            run.finish(exit_code=1)
-        raise
-    if saver is not None and saver.failed:
-        last = epoch_path(out, saver.saved) if saver.saved else source
-        if run is not None:
-            run.finish(exit_code=1)
-        raise CheckpointError(f"{saver.failed}: free space on the disk, or pass another --out. " + (
-            f"The last checkpoint written: {last}; continue with:\n  {launch_command(f'--resume {last}')}"
-            if last else "No checkpoint was written"))
-    if getattr(learn, "diverged", None):
-        path = (saver.save_last() if saver else None) or source
-        if run is not None:
-            run.finish(exit_code=1)
-        raise DivergedError(f"{learn.diverged}: the learning rate is too high for this run. Start a fresh run with a "
-                            f"lower --lr (this run's: {s.lr:.3g}). " + (f"The last checkpoint, all finite: {path}"
-                                                                        if path else "No epoch was saved"))
-    if report.stopped:
-        path = epoch_path(out, learn.epoch)
-        print(f"Stopped after epoch {learn.epoch} of {s.epochs}: the next epoch would end past the time "
-              f"limit. Checkpoint {path}; continue with:\n  {launch_command(f'--resume {path}')}")
-        if run is not None:
-            run.finish()
-        return None
+        with on_signals(lambda name: agreed.request("signal", name)):  # a second signal cannot cut the save short
+            try:
+                learn.fit_one_cycle(s.epochs, s.lr, cbs=cbs, start_epoch=ckpt["epoch"] if ckpt else 0)
+            except Exception:  # a crash here or in another process: keep what was trained
+                if saver is not None and (path := saver.save_last()) is not None:
+                    print(f"The last completed epoch is saved: {path}; continue with:\n  python train.py --resume "
+                          f"{path}", flush=True)
+                raise
+            kind, why = share(learn.stop or agreed.reason) or (None, None)  # the writer's last word
+            path = (saver.save_last() if saver else None) or (epoch_path(out, saver.saved) if saver and saver.saved
+                                                              else source)
+        if kind is None and not report.stopped:
+            status = None
+        elif not is_main():
+            return None
+        elif kind == "signal":
+            print(f"\nStopped by {'Ctrl-C' if why == 'SIGINT' else why} during epoch {learn.epoch + 1}. " + (
+                f"Checkpoint of the last completed epoch: {path}; continue with:\n  python train.py --resume {path}"
+                if path else "No epoch was completed: nothing to resume."), flush=True)
+            raise KeyboardInterrupt(why)
+        elif kind == "disk":
+            raise CheckpointError(f"{why}: free space on the disk, or pass another --out. " + (
+                f"The last checkpoint written: {path}; continue with:\n  python train.py --resume {path}"
+                if path else "No checkpoint was written"))
+        elif kind == "diverged":
+            raise DivergedError(f"{why}: the learning rate is too high for this run. Start a fresh run with a lower "
+                                f"--lr (this run's: {s.lr:.3g}). " + (f"The last checkpoint, all finite: {path}"
+                                                                      if path else "No epoch was saved"))
+        else:
+            print(f"Stopped after epoch {learn.epoch} of {s.epochs}: the next epoch would end past the time limit. "
+                  f"Checkpoint {path}; continue with:\n  python train.py --resume {path}")
+            status = 0
+            return None
+    finally:
+        if run is not None and status is not None:
+            run.finish(exit_code=status)
     result = evaluate(learn.model, data, out)
     t = result["test"]
     print(f"Test (twins-only, {t['n_genuine']} genuine / {t['n_impostor']} twin-impostor pairs): "
@@ -239,8 +251,9 @@ def summarise(model: DCAL, data: TwinData, threshold: float, seed: int, out: Pat
 
 
 def find_lr(s: Settings) -> float:
-    """fastai's learning-rate finder on this model and data (no training is kept): the plot goes to
-    `out/lr_find.png`; returns the suggested peak learning rate (fastai's `valley`) at `step_pairs`."""
+    """fastai's learning-rate finder on this model and data, in one process (no training is kept): the
+    plot goes to `out/lr_find.png`; returns the suggested peak learning rate (fastai's `valley`) for the
+    run's `bs` pairs per step."""
     learn = build(s, prepare(s))
     found = learn.lr_find(show_plot=False).valley
     learn.recorder.plot_lr_find()
@@ -248,11 +261,11 @@ def find_lr(s: Settings) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     plt.gcf().savefig(path, dpi=110)
     plt.close("all")
-    suggestion = found * s.step_pairs / learn.plan.bs  # --lr is the peak at step_pairs (auto may raise the batch)
-    print(f"lr_find at {learn.plan.bs} pairs per step: valley {found:.3g}, i.e. --lr {suggestion:.3g} at the recipe's "
-          f"{s.step_pairs} pairs (the recipe's: {s.lr:.3g}); plot {path}.\n"
-          f"Train with the same flags and --lr {suggestion:.3g}, e.g. python train.py --fresh --lr {suggestion:.3g}")
-    return suggestion
+    gpus = torch.cuda.device_count()
+    print(f"lr_find on {machine()}" + (f" (1 of {gpus} GPUs)" if gpus > 1 else "") + f", {learn.plan}: valley "
+          f"{found:.3g} (the recipe's --lr: {Settings.lr:.3g}); plot {path}.\n"
+          f"Train with the same flags and --lr {found:.3g}, e.g. python train.py --fresh --lr {found:.3g}")
+    return found
 
 
 TIMED_STEPS = 20  # --check: training steps timed, after WARM_UP untimed ones
@@ -315,7 +328,7 @@ def check(s: Settings, time_limit_h: float | None) -> bool:
         timer = StepTimer(min(TIMED_STEPS + WARM_UP, len(learn.dls.train)))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        learn.fit(1, learn.plan.lr, cbs=timer)
+        learn.fit(1, s.lr, cbs=timer)
         pairs_s = learn.plan.bs / learn.plan.accum / timer.step_s if timer.step_s else None  # all processes
         peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
                 f"({torch.cuda.max_memory_reserved() / 2**30:.2f} reserved)" if torch.cuda.is_available() else "")
@@ -333,7 +346,7 @@ def check(s: Settings, time_limit_h: float | None) -> bool:
             ckpt = load_checkpoint(path)
         fresh = make_learner(s, learn.plan, data, DCAL.from_settings(s, len(data.classes), pretrained=False))
         restore(fresh, ckpt, path)
-        fresh.fit(1, learn.plan.lr, cbs=StepTimer(1, stop_after_valid=False))
+        fresh.fit(1, s.lr, cbs=StepTimer(1, stop_after_valid=False))
         print(f"Check {stage}: written ({span(save_s)}), read back and resumed for one step")
     except Exception as e:  # the check reports the failing step, whatever it is
         print(f"Check FAILED at '{stage}': {type(e).__name__}: {e}")

@@ -17,7 +17,8 @@ KAGGLE_TIME_LIMIT_H = 11.5
 
 @dataclass(frozen=True)
 class Settings:
-    """A run's settings. The defaults are the Kaggle recipe (P100 or T4, 16 GB; PLAN.md, decisions)."""
+    """A run's settings. The defaults are the Kaggle recipe (PLAN.md, decisions); how a machine splits
+    its steps is the run's `Plan`, never a setting."""
     data: str = "data_json"
     data_root: str | None = None
     valid_pct: float = 0.1
@@ -32,11 +33,10 @@ class Settings:
     pwca: bool = True
     grad_ckpt: bool = False
     epochs: int = 40
-    step_pairs: int = 16  # the pairs per optimiser step that `lr` is for (the CPU's batch under bs "auto")
-    lr: float = 1e-4
+    bs: int = 16  # pairs per optimiser step, all processes together: the recipe's, on any machine
+    lr: float = 1e-4  # the peak learning rate of that step
     wd: float = 0.05
     drop_path: float = 0.1
-    bs: int | str = "auto"  # pairs per step on each GPU, or "auto": the largest that fits (twins/plan.py)
     out: str = "models"
     save_every: int = 5
     map_every: int = 5
