@@ -24,7 +24,7 @@ from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_chec
 from twins.data import build_cache
 from twins.errors import TwinsError
 from twins.explain import SUMMARY_PAIRS, write_summary
-from twins.inference import (describe, figure_rows, load_split, open_learner, single_pair, top_losses,
+from twins.inference import (figure_rows, load_split, open_learner, single_pair, top_losses,
                              validation_threshold)
 from twins.model import encode_all
 from twins.settings import COUNT, Settings
@@ -82,7 +82,8 @@ def interpret(args: argparse.Namespace) -> None:
         threshold, _ = validation_threshold(model, s, classes, args.data, args.data_root)
     else:
         learn = open_learner(args.learner)
-        print(f"Model: {describe(learn, Path(args.learner))}")
+        t = learn.twins
+        print(f"Model: {args.learner}: run {t['run_id']}, epoch {t['epoch']}, exported from {t['checkpoint']}")
         model, s, threshold = learn.model.eval(), learn.twins["settings"], learn.twins["threshold"]
         classes = learn.twins["classes"]
     if args.pair:

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--fresh", action="store_true", help="start a new run (from the arch's pretrained weights)")
     mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (models/ep20) or a folder's newest; "
                       "its settings come with it")
-    run.add_argument("--check", action="store_true", help="with --fresh: every step briefly, then the projected time")
+    run.add_argument("--check", action="store_true", help="with --fresh: the run on a step budget in a scratch folder, "
+                     "then its projected time")
     run.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder, no training")
     run.add_argument("--out", help=f"run folder, one run each ({default('out')}; resume: the checkpoint's)")
     run.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
@@ -132,16 +133,12 @@ def main(argv=None) -> None:
         else:
             source = checkpoint_path(args.resume)
             ckpt = load_checkpoint(args.resume)
-            if args.out is None:  # beside the checkpoint it continues, unless that is read-only input
-                writable = os.access(source.parent, os.W_OK)
-                flags["out"] = str(source.parent) if writable else Settings.out
-                if not writable:
-                    print(f"{source.parent}/ is read-only: this run writes to {flags['out']}/")
+            flags["out"] = args.out or str(source.parent)  # beside the checkpoint it continues, by default
             settings = resumed_settings(Settings(**ckpt["settings"]), flags, str(source))
         print("Settings: " + ", ".join(f"{k}={v}" for k, v in vars(settings).items())
               + (f"; time limit {limit} h from {time.ctime(session_start())}" if limit is not None else ""))
         if args.check:
-            sys.exit(0 if check(settings, limit) else 1)
+            return check(settings, limit)
         if args.lr_find:
             find_lr(settings)
             return

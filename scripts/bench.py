@@ -47,7 +47,7 @@ def train_step(model, b, loss_fn):
 @torch.no_grad()
 def eval_forward(model, b):
     model.eval()
-    model.embed(b[0])
+    model.embedding(model.encode(b[0]))
 
 
 def flops(fn) -> float:

@@ -88,7 +88,7 @@ def map_precision() -> dict:
     model = DCAL.from_settings(s, 300, pretrained=False).to(DEV).eval()
     x = torch.randn(2, 3, s.size, s.size, device=DEV)
     with torch.no_grad():
-        other = model.embed(x[1:])[0]
+        other = model.embedding(model.encode(x[1:]))[0]
     t = time.time()
     with mixed_precision(DEV):
         low = occlusion_maps(model, x[:1], other[None])[0].flatten()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastai.callback.core import Callback, CancelFitException
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +63,10 @@ def write_layout(folder: Path, train_info, train_pairs, test_info, test_pairs) -
 def jpeg(path: Path, value: int = 128, size: int = 24):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), (value, 255 - value, value // 2)).save(path)
+
+
+class OneStep(Callback):
+    """Ends a fit after its first training step (no validation)."""
+    def after_batch(self):
+        if self.training:
+            raise CancelFitException()

@@ -1,17 +1,18 @@
 """Fitting the GPU and the session: the batch search, gradient accumulation, the time limit, the
 preflight check, the learning-rate finder, and the exact Kaggle recipe on the CPU."""
 import shutil
+import tempfile
 
 import pytest
 import torch
 from fastai.callback.core import Callback
 
 import train
-from helpers import TINY, lrs, run, tiny_settings
+from helpers import TINY, OneStep, lrs, run, tiny_settings
 from twins.plan import Plan, largest_fitting, make_plan, split, training_step
 from twins.errors import TwinsError
 from twins.model import DCAL, encode_all
-from twins.run import StepTimer, build, make_learner, prepare
+from twins.run import build, make_learner, prepare
 from twins.settings import Settings
 
 
@@ -125,7 +126,7 @@ def test_kaggle_recipe_trains_a_step_and_evaluates_on_the_cpu(tiny_demo):
     learn = build(s, data)
     assert learn.model.vit.patch_embed.grid_size == (28, 28) and learn.model.n_select == 78
     before = learn.model.glca_block.attn.qkv.weight.detach().clone()
-    learn.fit(1, s.lr, cbs=StepTimer(1, stop_after_valid=False))  # one training step, no validation
+    learn.fit(1, s.lr, cbs=OneStep())  # one training step, no validation
     assert not torch.equal(before, learn.model.glca_block.attn.qkv.weight)
     enc = encode_all(learn.model, data.caches["test"][:2])
     emb = learn.model.embedding(enc)
@@ -136,7 +137,7 @@ def test_time_limit_stops_with_a_checkpoint_that_resumes_like_any_other(fresh_ru
     _, data, p_full = fresh_run
     p = run(["--fresh", "--epochs", "7", *TINY, *data, "--time-limit", "0"], tmp_path, mode="disabled")
     assert "Stopped after epoch 1 of 7" in p.stdout and "python train.py --resume models/ep1.pth" in p.stdout
-    assert sorted(f.name for f in (tmp_path / "models").glob("*")) == ["ep1.pth", "run.json"]
+    assert sorted(f.name for f in (tmp_path / "models").glob("*")) == ["ep1.pth"]
     # the next session: the output of the last one is read-only input, new files go to --out
     prev = tmp_path / "input" / "previous"
     shutil.copytree(tmp_path / "models", prev)
@@ -161,23 +162,26 @@ def test_on_kaggle_the_time_limit_counts_from_the_session_s_start(monkeypatch):
     assert train.session_start() <= train.PROCESS_START
 
 
-def test_check_runs_every_step_and_projects_the_run(tiny_demo, tmp_path, monkeypatch, capsys):
+def test_check_is_the_run_on_a_budget_and_projects_its_time(tiny_demo, tmp_path, monkeypatch, capsys):
     json_dir, images = tiny_demo
     monkeypatch.chdir(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     args = ["--fresh", "--check", *TINY, "--data", str(json_dir), "--data-root", str(images), "--no-wandb"]
-    with pytest.raises(SystemExit) as stop:
-        train.main([*args, "--bs", "16", "--epochs", "40"])
+    train.main([*args, "--bs", "2", "--epochs", "40"])  # 26 steps an epoch: 22 in the budget
     out = capsys.readouterr().out
-    assert stop.value.code == 0, out
-    for line in ("Batch: 16 pairs per optimiser step\n", "Check data and model: ",
-                 "Check training steps: ", "pairs/s", "Check checkpoint: written", "read back and resumed",
-                 "Check passed.", "for 40 epochs", "Fits a Kaggle session"):
+    for line in ("Check: 1 x CPU", "Batch: 2 pairs per optimiser step\n", "epoch 1/1 ", "Test (twins-only",
+                 "Resuming from ", "epoch 1 of 2 done", "epoch 2/2 ", "Check passed: ", "for 40 epochs",
+                 "Fits a Kaggle session"):
         assert line in out, line
-    assert not (tmp_path / "models").exists()  # a check leaves no checkpoint that could pass for a run
-    with pytest.raises(SystemExit) as stop:  # pretrained weights that cannot be downloaded fail the check
+    epoch = [line for line in out.splitlines() if line.startswith("epoch 1/1 ")][0]
+    assert "valid_eer" in epoch  # validation ran after the budget's steps
+    assert "Run " in out and f" in {scratch}/twins-check-" in out  # the run itself, in a scratch folder ...
+    assert list(tmp_path.iterdir()) == [scratch] and not list(scratch.iterdir())  # ... gone after; no models/
+    with pytest.raises(SystemExit, match=r"^Error: the pretrained weights of vit_small_patch16_224 could not be "
+                                         r"downloaded"):  # a check fails as the run would
         train.main([a for a in args if a != "--no-pretrained"] + ["--arch", "vit_small_patch16_224", "--patch-size", "16"])
-    assert stop.value.code == 1
-    assert "Check FAILED at 'data and model'" in capsys.readouterr().out
 
 
 def test_lr_find_saves_the_plot_and_suggests_a_learning_rate(tiny_demo, tmp_path, monkeypatch, capsys):

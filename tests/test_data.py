@@ -184,29 +184,6 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     assert torch.allclose(va[0][0], first, atol=1e-6)
 
 
-def test_demo_records_where_every_difference_is_the_marks_and_the_slanted_brow():
-    from twins.demo import MARK_RADIUS, _family, _person_marks, draw_face
-    rng = np.random.default_rng(5)
-    fam, marks = _family(rng), _person_marks(rng, [])
-    with_marks, places, brow = draw_face(fam, {**marks, "brow_tilt": 0.03}, np.random.default_rng(9), 128)
-    level, _, _ = draw_face(fam, {**marks, "brow_tilt": 0.0}, np.random.default_rng(9), 128)  # same pose and light
-    diff = np.abs(np.asarray(with_marks, float) - np.asarray(level, float)).sum(-1)
-    (x0, y0), (x1, y1) = np.array(brow) * 128
-    yy, xx = np.nonzero(diff > 60)
-    assert len(xx) > 10  # the slant shows ...
-    t = np.clip(((xx - x0) * (x1 - x0) + (yy - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
-    assert np.hypot(xx - x0 - t * (x1 - x0), yy - y0 - t * (y1 - y0)).max() < 0.035 * 128  # ... only along the recorded brow
-    without, _, _ = draw_face(fam, {**marks, "brow_tilt": 0.03, "marks": []}, np.random.default_rng(9), 128)
-    diff = np.abs(np.asarray(with_marks, float) - np.asarray(without, float)).sum(-1)
-    assert len(places) == len(marks["marks"])
-    for x, y in places:
-        px, py = int(round(x * 128)), int(round(y * 128))
-        assert diff[max(py - 4, 0):py + 5, max(px - 4, 0):px + 5].max() > 60  # a mark is drawn there
-    yy, xx = np.nonzero(diff > 60)
-    near = [min(np.hypot(x * 128 - a, y * 128 - b) for x, y in places) for a, b in zip(xx, yy)]
-    assert max(near) < 2 * MARK_RADIUS * 128 / 0.88  # nowhere else: a mark spans 2 radii, zoomed by <= 1/0.88
-
-
 def test_pair_augmentation_draws_each_image_on_its_own_and_never_flips():
     aug = PairAugment(32)
     half = torch.zeros(1, 3, 32, 32)

@@ -157,7 +157,7 @@ def test_the_user_s_command_trains_on_both_gpus_writes_once_and_its_metrics_are_
     models = work / "models"
     names = sorted(f.name for f in models.iterdir())
     assert [n for n in names if not n.startswith("summary.")] == ["ep1.pth", "ep2.pth", "ep3.pth", "maps", "roc.png",
-                                                                   "run.json", "test_report.json"]  # no lock, no temporary
+                                                                   "test_report.json"]  # no lock, no temporary
     assert ("summary.png" in names) == ("summary.json" in names) and out.count("Pair-map summary") == 1  # the writer's
     assert len(list((work / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per process
     ckpt = load_checkpoint(models / "ep3.pth")

@@ -39,7 +39,7 @@ def test_each_value_is_the_score_change_when_its_window_is_left_out(size, patch,
     model = DCAL("test_vit", 5, size, pretrained=False, top_r=0.25, patch_size=patch).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        other = model.embed(x[1:])[0]
+        other = model.embedding(model.encode(x[1:]))[0]
     precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     with precision:
         maps = occlusion_maps(model, x[[0, 0]], torch.stack([other, -other]), bs=5)

@@ -181,7 +181,7 @@ def test_plain_timm_state_dict_loads_into_the_backbone():
     from timm.models.vision_transformer import checkpoint_filter_fn
     big.vit.load_state_dict(checkpoint_filter_fn(src.state_dict(), big.vit))
     with torch.no_grad():
-        assert big.eval().embed(torch.randn(1, 3, 448, 448)).shape == (1, 128)
+        assert big.eval().embedding(big.encode(torch.randn(1, 3, 448, 448))).shape == (1, 128)
 
 
 def test_uncertainty_weighted_loss_reaches_every_branch_and_weight():
@@ -314,7 +314,7 @@ def test_evaluation_embeddings_come_from_the_model_in_eval_mode():
     assert torch.equal(first, second)
     x = (cache.float() / 255 - 0.5) / 0.5  # test_vit's mean = std = 0.5
     with torch.no_grad():
-        assert torch.allclose(first, model.eval().embed(x), atol=1e-5)
+        assert torch.allclose(first, model.eval().embedding(model.encode(x)), atol=1e-5)
 
 
 def test_glca_selects_by_the_sa_stream_s_rollout_in_training_too():

@@ -165,15 +165,15 @@ def test_a_full_disk_stops_the_run_naming_the_last_checkpoint_written(fresh_run,
                                          r"checkpoint written: models/ep1.pth; continue with:\n  python train.py "
                                          r"--resume models/ep1.pth$"):
         train.main(["--fresh", "--epochs", "4", "--save-every", "1", *TINY, *data, "--no-wandb"])
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ep1.pth", "run.json"]  # no lock, no partial file
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["ep1.pth"]  # no lock, no partial file
 
 
 def test_messages_say_what_is_there_and_what_to_do(fresh_run, tmp_path, monkeypatch):
     work, data, _ = fresh_run
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    shutil.copy(work / "models" / "run.json", tmp_path / "models")  # a crash before the first checkpoint
-    with pytest.raises(SystemExit, match=r"holds another run \(run.json\); .* \(it has no checkpoint to resume\)$"):
+    shutil.copy(work / "models" / "roc.png", tmp_path / "models")  # another run's report, without checkpoints
+    with pytest.raises(SystemExit, match=r"holds another run \(roc.png\); .* add --overwrite to delete it first$"):
         train.main(["--fresh", *TINY, *data, "--no-wandb"])
     with pytest.raises(SystemExit, match=r"^Checkpoint error: folder nomodels/ or checkpoint nomodels.pth does not exist"):
         train.main(["--resume", "nomodels"])
@@ -224,20 +224,15 @@ def test_a_timm_that_cannot_use_the_hub_package_says_so_not_bad_arch(monkeypatch
         DCAL("vit_small_patch16_224", 5, 224)
 
 
-def test_two_resumes_of_one_checkpoint_into_two_folders_are_two_runs_that_name_their_parent(fresh_run, tmp_path):
+def test_a_resume_into_another_folder_continues_the_run_and_its_wandb_run(fresh_run, tmp_path):
+    """The next Kaggle session resumes from the attached (read-only) output into a new --out: one run."""
     work, data, _ = fresh_run
-    parent = load_checkpoint(work / "models" / "ep5")["plan"]["run_id"]
-    ids = []
-    for out in ("branch_a", "branch_b"):
-        p = run(["--resume", str(work / "models" / "ep5.pth"), "--out", out, *data], tmp_path)
-        plan = json.loads((tmp_path / out / "run.json").read_text())["plan"]
-        assert plan["branched_from"] == parent and f"a branch of run {parent}" in p.stdout
-        assert load_checkpoint(tmp_path / out / "ep7")["plan"]["run_id"] == plan["run_id"]
-        ids.append(plan["run_id"])
-    assert len({parent, *ids}) == 3
-    wandb_ids = {d.name.rsplit("-", 1)[-1] for d in (tmp_path / "wandb").glob("offline-run-*")}
-    original = {d.name.rsplit("-", 1)[-1] for d in (work / "wandb").glob("offline-run-*")}
-    assert len(wandb_ids) == 2 and not wandb_ids & original  # each branch its own W&B run
+    run_id = load_checkpoint(work / "models" / "ep5")["plan"]["run_id"]
+    p = run(["--resume", str(work / "models" / "ep5.pth"), "--out", "next_session", *data], tmp_path)
+    assert f"Run {run_id} in next_session/" in p.stdout
+    ckpt = load_checkpoint(tmp_path / "next_session" / "ep7")
+    first = load_checkpoint(work / "models" / "ep5")
+    assert ckpt["plan"]["run_id"] == run_id and ckpt["wandb_id"] == first["wandb_id"] is not None
 
 
 def test_export_to_a_folder_or_an_unwritable_place_is_one_line(fresh_run, tmp_path, monkeypatch):

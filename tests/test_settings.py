@@ -1,7 +1,6 @@
 """What the user chose stays as chosen: settings frozen once, the plan derived apart, both stored apart."""
 import ast
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -59,7 +58,6 @@ def test_the_checkpoint_holds_the_user_s_settings_and_the_plan_apart(fresh_run):
     plan = Plan(**ckpt["plan"])
     assert (plan.bs, plan.accum, plan.processes) == (8, 1, 1) and len(plan.run_id) == 8
     assert set(ckpt["settings"]).isdisjoint({"run_id", "accum", "processes"})
-    assert Path(work / "models" / "run.json").read_text().count(plan.run_id) == 2  # the run's id and its plan's
 
 
 def test_what_the_program_derives_stays_in_the_plan(tiny_demo):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 import train
-from helpers import TINY, lrs, run, tiny_settings
-from twins.run import StepTimer, build, prepare
+from helpers import TINY, OneStep, lrs, run, tiny_settings
+from twins.run import build, prepare
 from twins.checkpoint import load_checkpoint, newest_checkpoint
 from twins.errors import CheckpointError, DataError, TwinsError
 
@@ -113,7 +113,7 @@ def test_valid_pct_zero_trains_on_all_and_says_where_the_threshold_came_from(tmp
 def test_no_weight_decay_on_norms_biases_position_class_token_and_loss_parameters(tiny_demo):
     s = tiny_settings(tiny_demo)
     learn = build(s, prepare(s))
-    learn.fit(1, 1e-3, cbs=StepTimer(1, stop_after_valid=False))  # one real step: the optimizer's groups in use
+    learn.fit(1, 1e-3, cbs=OneStep())  # one real step: the optimizer's groups in use
     decayed = {n for n, p in learn.model.named_parameters() if learn.opt.state[p].get("do_wd", True)}
     for name in ("vit.pos_embed", "vit.cls_token", "vit.blocks.0.norm1.weight", "vit.blocks.0.attn.qkv.bias",
                  "vit.norm.bias", "glca_norm.weight", "log_vars", "pair_logit"):

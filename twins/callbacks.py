@@ -264,7 +264,7 @@ class EpochReport(EveryNEpochs):
             stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
             stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # what runs out
         names = self.recorder.metric_names[1:-1]  # without "epoch" and "time"
-        values = {n: v for n, v in zip(names, self.recorder.log[1:]) if v is not None}
+        values = {n: v for n, v in zip(names, self.recorder.log[1:]) if isinstance(v, (int, float))}  # not "#na#"
         line = (f"epoch {done}/{self.n_epoch} lr {self.opt.hypers[-1]['lr']:.6e} "
                 + " ".join(f"{n} {v:.4f}" for n, v in values.items())
                 + " | " + " ".join(f"{k} {v:.4f}" for k, v in self.learn.branch_logger.means().items())

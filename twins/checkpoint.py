@@ -1,20 +1,19 @@
 """The run folder and what a run writes there, so that nothing is lost and no run overwrites or
-mixes with another: checkpoints (`ep{N}.pth`: settings, plan, weights, optimizer and loss-scale state,
-so that a resumed run is the run it continues), the atomic write, the read with its checks, one run
-per folder (`run.json` names it) and the lock against a second process."""
+mixes with another: checkpoints (`ep{N}.pth`: settings, plan with the run's id, weights, optimizer
+and loss-scale state, the W&B run, so that a resumed run is the run it continues), the atomic write,
+the read with its checks, and one run per folder (`claimed`)."""
 from __future__ import annotations
 
+import fcntl
 import io
-import json
 import os
 import pickle
 import re
 import secrets
 import shutil
-import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -24,11 +23,12 @@ from fastai.torch_core import to_device
 from .distributed import bare
 from .errors import CheckpointError
 from .model import DCAL, device
+from .plan import Plan
 from .settings import Settings
 
 REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes")
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
-RUN_FILES = ("ep*.pth", "run.json", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
+RUN_FILES = ("ep*.pth", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
 LOCK = ".lock"
 
 
@@ -64,7 +64,7 @@ def newest_checkpoint(folder: str | Path) -> Path:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """`data` to a temporary name of this process's own, then renamed: a crash or a second process
-    never leaves a half-written or mixed file (leftovers: `clean_leftovers`)."""
+    never leaves a half-written or mixed file (leftovers are removed by `claimed`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -72,14 +72,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def clean_leftovers(folder: Path) -> list[Path]:
-    """Remove the temporary files that a killed write left in `folder` (call with the folder's lock held)."""
-    found = [p for p in folder.glob(".*.tmp")] + list(folder.glob("*.pth.tmp"))
-    for p in found:
-        p.unlink(missing_ok=True)
-    return found
 
 
 def run_state(learn: Learner) -> dict:
@@ -131,7 +123,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
-    if missing == {"settings", "plan"} and "config" in ckpt:  # one config dict, before settings and plan
+    if isinstance(ckpt, dict) and "config" in ckpt or not missing and (set(ckpt["settings"]) != {f.name for f in fields(Settings)}
+                                            or set(ckpt["plan"]) != {f.name for f in fields(Plan)}):
         raise CheckpointError(f"{p} was written by an earlier version of twins, which this one cannot resume "
                               "or export; train it again with python train.py --fresh")
     if missing:
@@ -179,96 +172,46 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def run_files(folder: Path) -> list[Path]:
-    return sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)})
-
-
-def folder_run_id(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "run.json").read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def claim_for_fresh(folder: Path, overwrite: bool) -> None:
-    """A fresh run needs a folder without another run in it; `overwrite` deletes that run first."""
-    found = run_files(folder) if folder.is_dir() else []
-    if not found:
-        return
-    names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-    if not overwrite:
-        unfinished = (f"an unfinished run continues with python train.py --resume {folder}" if checkpoints(folder)
-                      else "it has no checkpoint to resume")
-        raise CheckpointError(f"{folder}/ holds another run ({names}); a fresh run never overwrites one: pass "
-                              f"--out NEW_FOLDER, or add --overwrite to delete it first ({unfinished})")
-    for p in found:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    print(f"--overwrite: deleted the previous run in {folder}/ ({names})")
-
-
-def claim_for_resume(folder: Path, run_id: str | None, epoch: int) -> None:
-    """A resumed run writes only into a folder of its own run (or an empty one), and never over a
-    checkpoint later than the one it continues (that would be another lineage)."""
-    if not folder.is_dir():
-        return
-    other = folder_run_id(folder)
-    if other is not None and other != run_id and run_files(folder):
-        raise CheckpointError(f"{folder}/ holds another run ({other}); resume into a new folder with --out")
-    later = [p.name for p in checkpoints(folder) if checkpoint_epoch(p) > epoch]
-    if later:
-        raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming from "
-                              f"epoch {epoch} there would overwrite them. Resume from the newest "
-                              f"(--resume {folder}), or branch off into a new folder with --out")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 @contextmanager
-def locked(folder: Path):
-    """Hold `folder/.lock` (this process's id) while a run writes there; a second process is refused
-    with a message. A lock left by a process that no longer runs is taken over."""
+def claimed(folder: Path, epoch: int | None, overwrite: bool = False):
+    """`folder` held for one run while inside: an OS lock (released when the process ends, however it
+    ends), so a second run there is refused. A fresh run (`epoch` None) needs a folder without another
+    run's files (`overwrite` deletes them first); a resume from `epoch` never writes over a later
+    checkpoint. Leftovers of a killed write are removed."""
     created = not folder.exists()
-    if not created and not folder.is_dir():
+    if folder.is_file():
         raise CheckpointError(f"--out {folder} is a file, not a folder: pass another --out")
-    lock = folder / LOCK
-    while True:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise CheckpointError(f"{folder}/ is being written by another process (pid {pid}, since "
-                                      f"{time.ctime(lock.stat().st_mtime)}); wait for it, or use --out "
-                                      f"another folder (if no run is going, delete {lock})") from None
-            lock.unlink(missing_ok=True)  # stale: its process has ended
-        except OSError as e:  # a read-only place, a file on the way, a full disk
-            raise CheckpointError(f"--out {folder}/ cannot be written ({e.strerror or e}): pass another --out") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
     try:
-        left = clean_leftovers(folder)
-        if left:
-            print(f"Removed {len(left)} temporary file(s) a stopped write left in {folder}/")
-        yield
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / LOCK, "w")
+    except OSError as e:  # a file on the way, a read-only place, a full disk
+        raise CheckpointError(f"--out {folder}/ cannot be written ({e.strerror or e}): pass another --out") from None
+    try:
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CheckpointError(f"{folder}/ is being written by another run: wait for it, or pass another "
+                                      "--out") from None
+            try:
+                found = sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)})
+                later = [p.name for p in checkpoints(folder) if epoch is not None and checkpoint_epoch(p) > epoch]
+                if epoch is None and found and not overwrite:
+                    raise CheckpointError(
+                        f"{folder}/ holds another run ({', '.join(p.name for p in found[:6])}); a fresh run never "
+                        "overwrites one: pass --out NEW_FOLDER, or add --overwrite to delete it first"
+                        + (f" (or continue it: python train.py --resume {folder})" if checkpoints(folder) else ""))
+                if later:
+                    raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming "
+                                          f"from epoch {epoch} there would overwrite them. Resume from the newest "
+                                          f"(--resume {folder}), or into another folder with --out")
+                for p in (found if epoch is None else []) + list(folder.glob(".*.tmp")):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if epoch is None and found:
+                    print(f"--overwrite: deleted the previous run in {folder}/")
+                yield
+            finally:
+                (folder / LOCK).unlink(missing_ok=True)
     finally:
-        lock.unlink(missing_ok=True)
-        if created and not any(folder.iterdir()):  # a run that stopped before writing anything leaves no folder
+        if created and folder.is_dir() and not any(folder.iterdir()):  # a run that wrote nothing leaves no folder
             folder.rmdir()
-
-
-def write_run_json(folder: Path, learn: Learner) -> None:
-    (folder / "run.json").write_text(json.dumps({"run_id": learn.plan.run_id, "settings": asdict(learn.settings),
-                                                 "plan": asdict(learn.plan)}, indent=1))

@@ -61,10 +61,8 @@ def _draw_mark(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, skin: np.n
                   fill=tuple(int(v) for v in np.minimum(255, skin * 0.5 + 128)))
 
 
-def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> tuple[Image.Image, list]:
-    """One photo of a person: the face, then a random pose, expression, light, blur. Also returns
-    where the marks and the two ends of the slanted brow ended up, as (x, y) fractions of the photo's
-    width and height."""
+def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> Image.Image:
+    """One photo of a person: the face, then a random pose, expression, light, blur."""
     c = CANVAS
     img = Image.new("RGB", (c, c), tuple(int(v) for v in fam["bg"] + rng.normal(0, 8, 3)))
     d = ImageDraw.Draw(img)
@@ -95,16 +93,9 @@ def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> tu
     img = img.rotate(angle, resample=Image.BICUBIC, translate=tuple(shift), fillcolor=tuple(int(v) for v in fam["bg"]))
     zoom = rng.uniform(0.0, 0.06) * c
     img = img.crop((zoom, zoom, c - zoom, c - zoom)).resize((size, size), Image.BICUBIC)
-    t, h = math.radians(angle), c / 2  # PIL rotates counter-clockwise about the centre, then translates
-
-    def placed(x, y):
-        return ((h + (x * c - h) * math.cos(t) + (y * c - h) * math.sin(t) + shift[0] - zoom) / (c - 2 * zoom),
-                (h - (x * c - h) * math.sin(t) + (y * c - h) * math.cos(t) + shift[1] - zoom) / (c - 2 * zoom))
-    cx, by, tilt = 0.5 + dx, ey - 2.2 * er, marks["brow_tilt"]  # the slanted brow's ends, as drawn above
-    brow = [placed(cx - 2.2 * er, by + tilt), placed(cx + 2.2 * er, by - tilt)]
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.2))
     img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.15))
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7))), [placed(x, y) for _, (x, y) in marks["marks"]], brow
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 0.7)))
 
 
 def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
@@ -120,17 +111,15 @@ def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
 
 def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int = 12,
               images_per_person: tuple[int, int] = (4, 8), size: int = 128, seed: int = 0) -> Path:
-    """Write `out/images/<id>/<id>d<k>.jpg`, `out/data_json/*.json` and `out/marks.json` (where each
-    photo's marks and slanted brow are: every difference between twins, for measuring where the
-    heatmaps look); returns the JSON folder.
+    """Write `out/images/<id>/<id>d<k>.jpg` and `out/data_json/*.json`; returns the JSON folder.
     Deterministic in `seed`; skips the work when the set is already there."""
     out = Path(out)
     json_dir = out / "data_json"
-    if (out / "marks.json").is_file():  # written last: the set is complete
+    if (json_dir / "test_twin_pairs.json").is_file():  # written last: the set is complete
         return json_dir
     rng = np.random.default_rng(seed)
     json_dir.mkdir(parents=True, exist_ok=True)
-    first, mark_places, brows = 90003, {}, {}
+    first = 90003
     for split, n_fam in (("train", n_train_families), ("test", n_test_families)):
         info, pairs = {}, []
         for fam_ids in _ids(n_fam, first, triplet=(split == "train")):
@@ -142,14 +131,11 @@ def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int 
                 info[pid] = []
                 for k in range(int(rng.integers(images_per_person[0], images_per_person[1] + 1))):
                     name = f"{pid}d{13 + 2 * k}.jpg"
-                    img, places, brows[f"{pid}/{name}"] = draw_face(fam, marks, rng, size)
-                    img.save(folder / name, quality=int(rng.integers(85, 96)))
-                    mark_places[f"{pid}/{name}"] = places
+                    draw_face(fam, marks, rng, size).save(folder / name, quality=int(rng.integers(85, 96)))
                     info[pid].append(f"{FOREIGN_PREFIX}/{pid}/{name}")
             pairs += [[a, b] for i, a in enumerate(fam_ids) for b in fam_ids[i + 1:]]
             first = int(fam_ids[-1]) + 1
         first += 1000
         (json_dir / f"{split}_dataset_infor.json").write_text(json.dumps(info, indent=1))
         (json_dir / f"{split}_twin_pairs.json").write_text(json.dumps(pairs))
-    (out / "marks.json").write_text(json.dumps({"mark_radius": MARK_RADIUS, "marks": mark_places, "brows": brows}))
     return json_dir

@@ -12,7 +12,7 @@ from fastai.data.transforms import IntToFloatTensor
 from fastai.learner import Learner, load_learner
 from fasttransform import Pipeline
 
-from .checkpoint import check_classes, checkpoint_epoch, checkpoints, folder_run_id
+from .checkpoint import check_classes
 from .data import PairDL, Split, TwinPairs, build_cache, load_faces, normalizer, prepare_data
 from .errors import CheckpointError, DataError
 from .evaluate import choose_threshold, embed_images
@@ -72,17 +72,6 @@ def open_learner(path: str | Path) -> Learner:
     if not hasattr(learn, "twins"):
         raise CheckpointError(f"{p} is not a learner exported by export.py")
     return learn
-
-
-def describe(learn: Learner, path: Path) -> str:
-    """Which model an exported learner holds, and whether its folder has a newer checkpoint of its run."""
-    t = learn.twins
-    text = f"{path}: run {t['run_id']}, epoch {t['epoch']}, exported from {t['checkpoint']}"
-    newer = [c for c in checkpoints(path.parent) if checkpoint_epoch(c) > t["epoch"]]
-    if newer and folder_run_id(path.parent) == t["run_id"]:
-        text += (f". Note: {path.parent}/ holds a later checkpoint of this run ({newer[-1].name}); "
-                 "python export.py exports the newest")
-    return text
 
 
 def explain(learn: Learner, img_a, img_b) -> dict:

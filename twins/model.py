@@ -254,10 +254,6 @@ class DCAL(nn.Module):
         finally:
             self.recomputing = False
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The verification embedding (SA + GLCA only, whatever the mode)."""
-        return self.embedding(self.encode(x))
-
     def embedding(self, out: dict) -> torch.Tensor:
         parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])
         return F.normalize(torch.cat(parts, -1), dim=-1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,7 +30,6 @@ class Plan:
     bs: int
     accum: int
     processes: int
-    branched_from: str | None = None  # the run whose checkpoint this one continued in another folder
 
     @property
     def micro_bs(self) -> int:
@@ -81,16 +80,13 @@ def split(run_id: str, bs: int, processes: int, fits: int) -> Plan:
 def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan | None = None) -> Plan:
     """The plan of a run: `s.bs` pairs per step shared by the processes that run now, in micro-batches
     no larger than what fits (measured on CUDA, less MARGIN; a resumed run's own micro-batch at most:
-    the memory known to fit; the whole share on the CPU). Under `run_id`, a branch when it is not the
-    saved run's."""
+    the memory known to fit; the whole share on the CPU)."""
     n = world()
     if saved is not None:
-        if run_id != saved.run_id:  # a resume into another folder: a run of its own
-            saved = replace(saved, run_id=run_id, branched_from=saved.run_id)
         if saved.processes == n:
             return saved
         print(f"The run was trained by {saved.processes} process(es); {n} continue it with the same steps")
-        return replace(split(run_id, saved.bs, n, saved.micro_bs), branched_from=saved.branched_from)
+        return split(saved.run_id, saved.bs, n, saved.micro_bs)
     plan = split(run_id, s.bs, n, s.bs)  # each share in one forward pass; refused when n cannot share a step
     if not torch.cuda.is_available():
         return plan

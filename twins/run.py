@@ -1,16 +1,18 @@
 """A training run, top to bottom: check (GPU, checkpoint, data) -> claim the run folder -> build the
 Learner (model, the plan for this machine) -> fit -> stop with a checkpoint (time limit, Ctrl-C,
-SIGTERM) or evaluate on the test twins. `--check` and `--lr-find` take the same first steps and end
-after the build: they claim no folder and keep no checkpoint."""
+SIGTERM) or evaluate on the test twins. `--check` is that run on a step budget in a scratch folder;
+`--lr-find` takes the same first steps and ends after the build."""
 from __future__ import annotations
 
 import platform
+import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -19,7 +21,7 @@ import fastai
 import matplotlib.pyplot as plt
 import timm
 import torch
-from fastai.callback.core import Callback, CancelFitException, CancelTrainException
+from fastai.callback.core import Callback, CancelTrainException
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
@@ -28,10 +30,9 @@ from fastcore.basics import noop
 
 from .callbacks import (AgreedStop, AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState,
                         StepAccumulation, TimmWeightDecay, span)
-from .checkpoint import (check_classes, claim_for_fresh, claim_for_resume, epoch_path, load_checkpoint, locked,
-                         new_run_id, restore, run_meta, snapshot, write_atomic, write_run_json)
+from .checkpoint import check_classes, claimed, epoch_path, load_checkpoint, new_run_id, restore, run_meta
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
-from .distributed import Distributed, is_main, on_main, share
+from .distributed import Distributed, is_main, on_main, share, world
 from .errors import CheckpointError, DataError, DivergedError
 from .evaluate import evaluate
 from .explain import KINDS, SUMMARY_PAIRS, pair_maps, write_summary
@@ -60,21 +61,6 @@ def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) ->
     if ckpt is not None:
         check_classes(ckpt, list(data.classes), f"checkpoint {source}")
     return data
-
-
-def claim(held: ExitStack, s: Settings, ckpt: dict | None, source: str | None, overwrite: bool) -> str:
-    """The run folder, held (locked) for this run until `held` closes; returns the run's id: a new one
-    for a fresh run, and for a resume into another folder than its checkpoint's (a branch: two resumes
-    of one checkpoint must not log into one W&B run)."""
-    out = Path(s.out)
-    held.enter_context(locked(out))
-    if ckpt is None:
-        claim_for_fresh(out, overwrite)
-        return new_run_id()
-    same = out.resolve() == Path(source).parent.resolve()
-    run_id = ckpt["plan"]["run_id"] if same else new_run_id()
-    claim_for_resume(out, run_id, ckpt["epoch"])
-    return run_id
 
 
 def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learner:
@@ -137,35 +123,34 @@ def interrupt(name: str):
 
 
 def train(s: Settings, ckpt: dict | None = None, source: str | None = None, deadline: float | None = None,
-          overwrite: bool = False) -> dict | None:
+          overwrite: bool = False, extra: list | None = None) -> dict | None:
     """Fresh training, or (with `ckpt`, read from `source`) its continuation, in `s.out` (one run per
     folder, locked while it runs). Returns the test report, or None when the run stopped before
     `deadline` (a time.time() value) with a checkpoint to resume. Ctrl-C or SIGTERM: the last trained
     epoch is saved, the resume command printed, and KeyboardInterrupt raised."""
     data = prepare(s, ckpt, source)
     with ExitStack() as held, on_signals(interrupt):
-        run_id = on_main(partial(claim, held, s, ckpt, source, overwrite))  # the main process alone writes
-        learn = build(s, data, ckpt, source, run_id)
-        if is_main():
-            write_run_json(Path(s.out), learn)
-        n, parent = learn.plan.processes, learn.plan.branched_from
-        print(f"Run {run_id} in {s.out}/" + (f", {n} processes" if n > 1 else "")
-              + (f", a branch of run {parent} from {source}" if parent and ckpt["plan"]["run_id"] == parent else ""))
-        return fit(learn, data, ckpt, source, deadline)
+        def claim():  # the main process alone writes
+            held.enter_context(claimed(Path(s.out), ckpt["epoch"] if ckpt else None, overwrite))
+        on_main(claim)
+        learn = build(s, data, ckpt, source, ckpt["plan"]["run_id"] if ckpt else new_run_id())
+        n = learn.plan.processes
+        print(f"Run {learn.plan.run_id} in {s.out}/" + (f", {n} processes" if n > 1 else ""))
+        return fit(learn, data, ckpt, source, deadline, extra or [])
 
 
-def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, deadline: float | None) -> dict | None:
+def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, deadline: float | None,
+        extra: list) -> dict | None:
     """Train to the end (then the test report) or to a stop that every process agrees on (a signal, a
     non-finite loss, a checkpoint not written, the time limit). Every process trains; the main process
     alone writes checkpoints, maps and the report, logs to W&B, and says why a run stopped (the others
     then return None quietly)."""
     s, out = learn.settings, Path(learn.settings.out)
     report, agreed = EpochReport(deadline), learn.agreed_stop
-    cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None)]
+    cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None), *extra]
     run = saver = None
     if is_main():
-        same_run = ckpt is not None and ckpt["plan"]["run_id"] == learn.plan.run_id
-        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if same_run else None)
+        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if ckpt else None)
         saver = Checkpoint(out, s.save_every, run_meta(learn, list(data.classes), run.id if run else None))
         cbs.append(saver)
         if run is not None:
@@ -268,8 +253,7 @@ def find_lr(s: Settings) -> float:
     return found
 
 
-TIMED_STEPS = 20  # --check: training steps timed, after WARM_UP untimed ones
-WARM_UP = 2
+CHECK_STEPS, WARM_UP = 20, 2  # --check: optimiser steps timed, after WARM_UP untimed ones
 
 
 def sync():
@@ -277,27 +261,28 @@ def sync():
         torch.cuda.synchronize()
 
 
-class StepTimer(Callback):
-    """Times training steps WARM_UP+1 .. `steps` and the validation pass, then (with `stop`) ends the fit."""
+class StepBudget(Callback):
+    """Ends each training epoch after `steps` optimiser steps, timing those after WARM_UP and the
+    validation pass (`--check`: a run on a budget)."""
     order = 100
+    step_s = valid_s = None
 
-    def __init__(self, steps: int, stop_after_valid: bool = True):
-        self.steps, self.stop_after_valid = steps, stop_after_valid
-
-    def before_batch(self):
-        if self.training and self.iter == WARM_UP:
-            sync()
-            self.t0 = time.time()
+    def __init__(self, steps: int):
+        self.steps = steps
 
     def after_batch(self):
-        if self.training and self.iter + 1 >= self.steps:
-            sync()
-            self.step_s = (time.time() - self.t0) / (self.steps - WARM_UP) if self.steps > WARM_UP else None
+        if not self.training or (self.iter + 1) % self.plan.accum:
+            return
+        sync()
+        done = (self.iter + 1) // self.plan.accum
+        if done == WARM_UP:
+            self.t0 = time.time()
+        if done >= self.steps:
+            self.step_s = (time.time() - self.t0) / (done - WARM_UP) if done > WARM_UP else None
+            self.steps_per_epoch = self.n_iter // self.plan.accum
             raise CancelTrainException()
 
     def before_validate(self):
-        if not self.stop_after_valid:
-            raise CancelFitException()
         self.v0 = time.time()
 
     def after_validate(self):
@@ -313,63 +298,35 @@ def machine() -> str:
     return f"{torch.cuda.get_device_name()} (sm_{major}{minor}, {mem:.1f} GiB)"
 
 
-def check(s: Settings, time_limit_h: float | None) -> bool:
-    """`--check`: a run's steps, briefly, on the user's GPU: data, model (pretrained weights), plan,
-    timed training steps, a validation pass, a checkpoint written, read back and resumed. Prints each
-    step and the projected time of the run; returns whether every step passed."""
-    print(f"Check: {machine()}; torch {torch.__version__}, fastai {fastai.__version__}, timm {timm.__version__}")
-    stage = "data and model"
+def check(s: Settings, time_limit_h: float | None) -> None:
+    """`--check`: the run itself on a budget, in a scratch folder (the user's --out untouched): data,
+    model with its weights, plan, CHECK_STEPS timed steps, validation, a checkpoint, the test report;
+    then one step resumed from that checkpoint. Ends with the projected time of the whole run; any
+    failure is the run's own error."""
+    print(f"Check: {world()} x {machine()}; torch {torch.__version__}, fastai {fastai.__version__}, timm "
+          f"{timm.__version__}")
+    folder = Path(on_main(lambda: tempfile.mkdtemp(prefix="twins-check-")))
+    budget = StepBudget(CHECK_STEPS + WARM_UP)
     try:
-        data = prepare(s)  # the JSON, every image path
-        learn = build(s, data)  # every image decoded, the model, the plan
-        print(f"Check {stage}: {len(data.train.paths)} training images, model {s.arch} at {s.size} px"
-              + (" with pretrained weights" if s.pretrained else ""))
-        stage = "training steps"
-        timer = StepTimer(min(TIMED_STEPS + WARM_UP, len(learn.dls.train)))
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        learn.fit(1, s.lr, cbs=timer)
-        pairs_s = learn.plan.bs / learn.plan.accum / timer.step_s if timer.step_s else None  # all processes
-        peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
-                f"({torch.cuda.max_memory_reserved() / 2**30:.2f} reserved)" if torch.cuda.is_available() else "")
-        n = learn.plan.processes
-        print(f"Check {stage}: {timer.steps} steps of {learn.plan.micro_bs} pairs"
-              + (f" in each of {n} processes" if n > 1 else "") + f" ({max(timer.steps - WARM_UP, 0)} timed): "
-              + (f"{pairs_s:.1f} pairs/s" if pairs_s else "too few batches to time") + peak
-              + f"; validation pass {span(timer.valid_s)}")
-        stage = "checkpoint"
-        with tempfile.TemporaryDirectory() as tmp:
-            path = epoch_path(tmp, 1)
-            t = time.time()
-            write_atomic(path, snapshot(learn, 1, run_meta(learn, list(data.classes), None)))
-            save_s = time.time() - t
-            ckpt = load_checkpoint(path)
-        fresh = make_learner(s, learn.plan, data, DCAL.from_settings(s, len(data.classes), pretrained=False))
-        restore(fresh, ckpt, path)
-        fresh.fit(1, s.lr, cbs=StepTimer(1, stop_after_valid=False))
-        print(f"Check {stage}: written ({span(save_s)}), read back and resumed for one step")
-    except Exception as e:  # the check reports the failing step, whatever it is
-        print(f"Check FAILED at '{stage}': {type(e).__name__}: {e}")
-        return False
-    print(f"Check passed. {f'{n} x ' if n > 1 else ''}{machine()}, {learn.plan}")
-    if pairs_s:
-        project(s, len(learn.dls.train) * learn.plan.bs / learn.plan.accum / pairs_s + timer.valid_s, save_s,
-                time_limit_h, learn.plan.accum)
-    return True
-
-
-def project(s: Settings, epoch_s: float, save_s: float, time_limit_h: float | None, accum: int) -> None:
-    """The projected time of the whole run, against the time limit (a Kaggle session without one)."""
-    total_h = (s.epochs * epoch_s + (s.epochs // s.save_every + 1) * save_s) / 3600
-    print(f"Projected: {span(epoch_s)} per epoch (training + validation), {span(3600 * total_h)} for "
-          f"{s.epochs} epochs")
+        short = replace(s, out=str(folder), epochs=1, wandb=False)
+        train(short, extra=[budget])
+        ckpt = load_checkpoint(epoch_path(folder, 1))
+        train(replace(short, epochs=2), ckpt, str(epoch_path(folder, 1)), extra=[StepBudget(1)])
+    finally:
+        if is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+    if budget.step_s is None:
+        print("Check passed; too few steps in an epoch to time")
+        return
+    epoch_s = budget.steps_per_epoch * budget.step_s + budget.valid_s
+    total_h = s.epochs * epoch_s / 3600
+    print(f"Check passed: {s.bs / budget.step_s:.1f} pairs/s; projected {span(epoch_s)} per epoch (training + "
+          f"validation), {span(3600 * total_h)} for {s.epochs} epochs")
     limit = time_limit_h if time_limit_h is not None else KAGGLE_TIME_LIMIT_H
     label = f"the time limit ({limit} h)" if time_limit_h is not None else f"a Kaggle session ({limit} h of 12)"
     if total_h <= limit:
         print(f"Fits {label}.")
         return
-    print(f"Does NOT fit {label}. Options: --epochs {int(limit * 3600 // epoch_s)} (fits); a smaller --size "
-          f"(336 needs about half the compute of 448)"
-          + ("; --grad-ckpt (memory limits this GPU to micro-batches: with it, larger ones fit)" if accum > 1 else "")
-          + "; or keep the epochs and continue in a second session (the run stops with a checkpoint before "
-          "the limit; docs/kaggle.md).")
+    print(f"Does NOT fit {label}. Options: --epochs {int(limit * 3600 // epoch_s)} (fits); a smaller --size (336 "
+          "needs about half the compute of 448); --grad-ckpt where micro-batches are small; or keep the epochs and "
+          "continue in a second session (the run stops with a checkpoint before the limit; docs/kaggle.md).")

@@ -1,9 +1,9 @@
-"""Does the suite catch the bugs that sank earlier attempts at this task? (run by hand, from the
-repository root). Each case injects one realistic bug into the code, runs the test that pins that
-behaviour, restores the file, and prints CAUGHT or MISSED.
+"""Does the suite catch the bugs that sank earlier attempts at this task? (a developer's tool, run by
+hand; it rewrites the project's sources in place, one at a time, and restores each). Each case injects
+one realistic bug, runs the test that pins that behaviour, and prints CAUGHT or MISSED.
 
-    python -m scripts.inject_bugs               # every case (about 25 minutes on 2 CPU cores)
-    python -m scripts.inject_bugs PWCA resume   # the cases whose name contains one of these words
+    python tests/inject_bugs.py                 # every case (about 40 minutes on 2 CPU cores)
+    python tests/inject_bugs.py PWCA resume     # the cases whose name contains one of these words
 """
 import os
 import signal
@@ -34,10 +34,10 @@ CASES = [
  ("shards as contiguous blocks (as fastai's DistributedDL)", "twins/data.py", "    mine = [i for k in range(0, full, step) for i in order[k + rank * share:k + (rank + 1) * share]]", "    mine = order[rank * full // world:(rank + 1) * full // world]", "tests/test_distributed.py", "shard_rule"),
  ("validation embeddings not gathered", "twins/metrics.py", "learn.to_detach(learn.pred[\"emb_a\"])", "learn.pred[\"emb_a\"].detach().cpu()", "tests/test_distributed.py", "share_each"),
  ("a step's slots seeded by micro-batch alone", "twins/data.py", "step, rank() * self.accum + slot])", "step, slot])", "tests/test_distributed.py", "share_each"),
- ("every process writes", "twins/run.py", "    if is_main():\n        same_run = ckpt", "    if True:\n        same_run = ckpt", "tests/test_distributed.py", "writes_once"),
+ ("every process writes", "twins/run.py", "    if is_main():\n        run = start_wandb(", "    if True:\n        run = start_wandb(", "tests/test_distributed.py", "writes_once"),
  ("test embeddings gathered out of order", "twins/evaluate.py", "    return torch.cat(gather(part))", "    return torch.cat(gather(part)[::-1])", "tests/test_distributed.py", "writes_once"),
  ("random draws not reseeded each batch", "twins/data.py", "            set_seed(int(seed.generate_state(1)[0]))", "            pass", "tests/test_runs.py", "uninterrupted"),
- ("resume keeps the old process split", "twins/plan.py", "        return replace(split(run_id, saved.bs, n, saved.micro_bs), branched_from=saved.branched_from)", "        return saved", "tests/test_budget.py", "keeps_its_steps"),
+ ("resume keeps the old process split", "twins/plan.py", "        return split(saved.run_id, saved.bs, n, saved.micro_bs)", "        return saved", "tests/test_budget.py", "keeps_its_steps"),
  ("arch check wants the exact sm_XY", "twins/model.py", 'arch_version(a) // 10 == capability[0] if a.startswith("sm_")', 'arch_version(a) == cc if a.startswith("sm_")', "tests/test_gpu_paths.py", "major_version"),
  ("pair-map scores taken under autocast", "twins/explain.py", '    out = model.encode_tokens(tokens)\n    with torch.autocast(tokens.device.type, enabled=False):\n        return (model.embedding({k: out[k].float() for k in ("sa", "glca") if k in out}) * others.float()).sum(-1)', '    return torch.einsum("bd,bd->b", model.embedding(model.encode_tokens(tokens)), others).float()', "tests/test_explain.py", "True"),
  ("encoding ignores the caller's autocast", "twins/model.py", "with mixed_precision(dev):", 'with torch.autocast(dev.type, enabled=dev.type == "cuda"):', "tests/test_gpu_paths.py", "embeddings"),
@@ -48,7 +48,6 @@ CASES = [
  ("summary pairs not normalised", "twins/explain.py", "    return part / total if total > 0 else None", "    return part if total > 0 else None", "tests/test_explain.py", "weighs"),
  ("summary counts one face of a pair", "twins/explain.py", "    part = (sign * delta_a).clamp(min=0) + (sign * delta_b).clamp(min=0)", "    part = 2 * (sign * delta_a).clamp(min=0)", "tests/test_explain.py", "weighs"),
  ("summary scores a face against itself", "twins/explain.py", "emb[np.concatenate([b, a])]", "emb[np.concatenate([a, b])]", "tests/test_explain.py", "mean_of"),
- ("demo records the level brow", "twins/demo.py", "    cx, by, tilt = 0.5 + dx,", "    cx, by, tilt = 0.5 - dx,", "tests/test_data.py", "every_difference"),
  ("GLCA rollout from the PWCA stream", "twins/model.py", "probs = attention_probs(blk.attn, q[:n], k[:n])", "probs = attention_probs(blk.attn, q[-n:], k[-n:])", "tests/test_model.py", "sa_stream_s_rollout"),
  ("class centres not normalised", "twins/model.py", "F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))", "F.linear(F.normalize(x, dim=-1), self.weight)", "tests/test_model.py", "cosine_whatever"),
  ("embedding parts not normalised", "twins/model.py", 'parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])', 'parts = [out["sa"]] + ([out["glca"]] if "glca" in out else [])', "tests/test_model.py", "weighs_sa"),
@@ -68,7 +67,10 @@ CASES = [
  ("more pairs per step than images", "twins/run.py", "    if s.bs > len(data.train.paths):", "    if False:", "tests/test_refusals.py", "before_decoding"),
  ("W&B online trusted without a network", "twins/tracking.py", '    if asked and asked != "online":', "    if asked:", "tests/test_refusals.py", "wandb_asked_online"),
  ("checkpoints loaded as any pickle", "twins/checkpoint.py", "weights_only=True)  # a pickled object could run code", "weights_only=False)", "tests/test_refusals.py", "only_tensors"),
- ("a branch keeps its parent's run id", "twins/run.py", '    run_id = ckpt["plan"]["run_id"] if same else new_run_id()', '    run_id = ckpt["plan"]["run_id"]', "tests/test_refusals.py", "two_resumes"),
+ ("a resume elsewhere starts a new W&B run", "twins/run.py", '        run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if ckpt else None)', "        run = start_wandb(s, learn.plan, None)", "tests/test_refusals.py", "continues_the_run"),
+ ("a fresh run over another run's files", "twins/checkpoint.py", "                if epoch is None and found and not overwrite:", "                if False:", "tests/test_runs.py", "never_overwrites"),
+ ("a second run writes the same folder", "twins/checkpoint.py", "                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)", "                pass", "tests/test_runs.py", "second_run"),
+ ("--check keeps its scratch folder", "twins/run.py", "            shutil.rmtree(folder, ignore_errors=True)", "            pass", "tests/test_budget.py", "check_is_the_run"),
  ("hub missing read as a bad --arch", "twins/model.py", '            if "huggingface_hub" in str(e):', "            if False:", "tests/test_refusals.py", "cannot_use_the_hub"),
  ("export writes over a folder", "export.py", "    if out.is_dir():", "    if False:", "tests/test_refusals.py", "export_to_a_folder"),
  ("grad-ckpt recomputes the discarded maps", "twins/model.py", 'if self.use_glca and not getattr(self, "recomputing", False):', "if self.use_glca:", "tests/test_gpu_paths.py", "recompute"),
