@@ -14,7 +14,7 @@ PROCESS_START = time.time()  # --time-limit counts from here (or the Kaggle sess
 import argparse  # noqa: E402
 import os  # noqa: E402
 
-# Before CUDA starts: a fragmented cache is what makes a batch chosen by --bs auto fail later (validation).
+# Before CUDA starts: a fragmented cache is what makes a micro-batch the memory search chose fail later (validation).
 if "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import sys  # noqa: E402
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
                      "pass: less memory per pair, about 20%% more time")
     gpu.add_argument("--time-limit", type=ranged(float, lambda v: v >= 0, "hours, at least 0"), metavar="HOURS", help="stop with a checkpoint before an epoch would "
-                     f"end past HOURS (Kaggle: {KAGGLE_TIME_LIMIT_H})")
+                     f"end past HOURS (Kaggle: {KAGGLE_TIME_LIMIT_H}, from the session's start)")
     args = p.parse_args(argv)
     if (args.check or args.lr_find or args.overwrite) and not args.fresh:
         p.error("--check, --lr-find and --overwrite go with --fresh")
