@@ -68,6 +68,13 @@ def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_
     torch.save({"model": {}, "something": 1}, tmp_path / "other.pth")
     with pytest.raises(SystemExit, match="^Checkpoint error: .*other.pth is not a twins checkpoint"):
         export.main(["--ckpt", str(tmp_path / "other.pth")])
+    ckpt = torch.load(work / "models" / "ep7.pth", weights_only=True)
+    for older in ({k: v for k, v in ckpt.items() if k != "format"}, {**ckpt, "format": ckpt["format"] - 1},
+                  {"config": {}, "model": ckpt["model"]}):  # a checkpoint of an earlier twins, or of the first one
+        torch.save(older, tmp_path / "older.pth")
+        with pytest.raises(SystemExit, match=r"^Checkpoint error: .*older.pth was written by an earlier version of "
+                                             r"twins, which this one cannot resume or export"):
+            export.main(["--ckpt", str(tmp_path / "older.pth")])
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=r"^Checkpoint error: no checkpoint ep<N>.pth in models/"):
         export.main([])

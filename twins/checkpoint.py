@@ -13,7 +13,7 @@ import secrets
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,10 +23,10 @@ from fastai.torch_core import to_device
 from .distributed import bare
 from .errors import CheckpointError
 from .model import DCAL, device
-from .plan import Plan
 from .settings import Settings
 
 REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes")
+FORMAT = 2  # what a checkpoint holds: raised whenever that changes, so that an older one is named, never misread
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
 RUN_FILES = ("ep*.pth", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
 LOCK = ".lock"
@@ -99,8 +99,8 @@ def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     opt = learn.opt.state_dict()
     opt = {"state": opt["state"], "hypers": [{k: float(v) for k, v in h.items()} for h in opt["hypers"]]}
     buf = io.BytesIO()
-    torch.save({"model": bare(learn.model).state_dict(), "opt": opt, "epoch": epoch, "run_state": run_state(learn),
-                **meta}, buf)
+    torch.save({"format": FORMAT, "model": bare(learn.model).state_dict(), "opt": opt, "epoch": epoch,
+                "run_state": run_state(learn), **meta}, buf)
     return buf.getvalue()
 
 
@@ -123,8 +123,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as e:
         raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
     missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
-    if isinstance(ckpt, dict) and "config" in ckpt or not missing and (set(ckpt["settings"]) != {f.name for f in fields(Settings)}
-                                            or set(ckpt["plan"]) != {f.name for f in fields(Plan)}):
+    if isinstance(ckpt, dict) and ("config" in ckpt or not missing and ckpt.get("format") != FORMAT):
         raise CheckpointError(f"{p} was written by an earlier version of twins, which this one cannot resume "
                               "or export; train it again with python train.py --fresh")
     if missing:

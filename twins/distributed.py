@@ -89,10 +89,10 @@ def launch(n: int, argv: list[str]) -> int:
         return 130
     except ChildFailedError as e:
         failed = {f.local_rank: f.exitcode for f in e.failures.values()}
-        rank = min(failed, key=lambda r: (failed[r] <= 0, r))  # the main one, unless only stopped by the launcher
-        code = failed[rank]
-        if rank:
-            print(f"Process {rank + 1} of {n} failed (exit status {code}); its error is above", file=sys.stderr)
+        first = min(failed, key=lambda r: (failed[r] <= 0, r))  # the main one, unless only stopped by the launcher
+        code = failed[first]
+        if first:
+            print(f"Process {first + 1} of {n} failed (exit status {code}); its error is above", file=sys.stderr)
         return code if code > 0 else 128 - code  # killed by signal -code
 
 

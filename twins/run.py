@@ -68,8 +68,8 @@ def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learne
     settings and the plan live on it (`learn.settings`, `learn.plan`), where callbacks read them."""
     dc = model.data_config
     dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
-                           bs=plan.micro_bs, size=s.size, mean=dc["mean"], std=dc["std"], seed=s.seed, accum=plan.accum,
-                           device=device())
+                           bs=plan.micro_bs, accum=plan.accum, size=s.size, mean=dc["mean"], std=dc["std"],
+                           seed=s.seed, device=device())
     metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
     cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs(), AgreedStop(), StepAccumulation()]
     if plan.processes > 1:
