@@ -17,16 +17,18 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
 from twins.errors import CheckpointError, TwinsError
-from twins.inference import inference_learner, validation_threshold
+from twins.inference import inference_learner
 
 
 def export(args: argparse.Namespace) -> None:
+    """No data and no GPU: the checkpoint holds the weights and the threshold its validation chose."""
     ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
-    model, s, ckpt = model_from_checkpoint(ckpt_path)
-    threshold, source = validation_threshold(model, s, ckpt["classes"], args.data, args.data_root)
-    learn = inference_learner(model, s, ckpt, ckpt_path, threshold, source)
+    model, _, ckpt = model_from_checkpoint(ckpt_path, torch.device("cpu"))
+    learn = inference_learner(model, ckpt, ckpt_path)
     out = Path(args.out)
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a folder: name the file, e.g. --out {out / 'twins.pkl'}")
@@ -42,7 +44,7 @@ def export(args: argparse.Namespace) -> None:
         if tmp.parent.is_dir():
             tmp.unlink(missing_ok=True)
     print(f"Exported {ckpt_path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']}) to {out}; "
-          f"threshold {threshold:.4f} from {source}")
+          f"threshold {ckpt['threshold']:.4f} from that epoch's validation twins (EER threshold)")
 
 
 def main(argv=None) -> None:
@@ -50,8 +52,6 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint to export (default: the newest ep*.pth in models/)")
     p.add_argument("--out", default="models/twins.pkl", help="where to write the learner (default: %(default)s)")
-    p.add_argument("--data", help="JSON folder, if not where training found it (to choose the threshold)")
-    p.add_argument("--data-root", help="image folder, if not where training found it")
     args = p.parse_args(argv)
     try:
         export(args)

@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data = p.add_argument_group("data")
     data.add_argument("--data", help=f"folder with the four JSON files ({default('data')})")
     data.add_argument("--data-root", help="folder the JSON's image paths are looked up under, e.g. /kaggle/input/nd-twin")
-    data.add_argument("--valid-pct", type=SHARE, help=f"share of training families held out ({default('valid_pct')})")
+    data.add_argument("--valid-pct", type=ranged(float, lambda v: 0 < v < 1, "a share above 0 and below 1"),
+                      help=f"share of training families held out, where the threshold is chosen ({default('valid_pct')})")
     data.add_argument("--seed", type=int, help=f"seed of the split, pairs and model ({default('seed')})")
     model = p.add_argument_group("model")
     model.add_argument("--arch", help=f"timm ViT with a class token ({default('arch')})")

@@ -23,6 +23,7 @@ from twins.data import Split, pair_dataloaders
 from twins.explain import KINDS, summary_maps, windows
 from twins.loss import DCALLoss
 from twins.model import DCAL, encode_all, mixed_precision
+from twins.run import machine, sync
 
 
 def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = False) -> DCAL:
@@ -34,9 +35,9 @@ def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = F
 
 
 def batch(bs, size, dev):
-    return (torch.randn(bs, 3, size, size, device=dev), torch.randn(bs, 3, size, size, device=dev),
-            torch.randint(0, 2, (bs,), device=dev).float(), torch.randint(0, 300, (bs,), device=dev),
-            torch.randint(0, 300, (bs,), device=dev))
+    ids = torch.randint(0, 300, (2, bs), device=dev)
+    xa, xb = torch.rand(2, bs, 3, size, size, device=dev)
+    return xa, xb, (ids[0] == ids[1]).float(), *ids
 
 
 def train_step(model, b, loss_fn):
@@ -56,30 +57,25 @@ def flops(fn) -> float:
     return fc.get_total_flops()
 
 
-def timed(fn, reps, dev) -> float:
+def timed(fn, reps) -> float:
     fn()  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / reps
 
 
 def peak_memory_child(args):
     """Peak memory of one train step, in a fresh process so that the figure is this step's alone."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(args.arch, args.size, args.patch_size, dcal=True, fused=not args.explicit,
-                  grad_ckpt=args.grad_ckpt).to(dev)
+    model = build(args.arch, args.size, args.patch_size, dcal=True, grad_ckpt=args.grad_ckpt).to(dev)
     b = batch(args.bs, args.size, dev)
     with mixed_precision(dev):
         train_step(model, b, DCALLoss())
-    if dev.type == "cuda":
-        print(torch.cuda.max_memory_reserved() / 2**30)  # what runs out
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    print(torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda"  # what runs out
+          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
 def loader_speed(size, bs, n=2000) -> float:
@@ -87,18 +83,17 @@ def loader_speed(size, bs, n=2000) -> float:
     split = Split([str(i) for i in range(n // 10)], [Path(f"{i}.jpg") for i in range(n)], person,
                   [(i, i + 1) for i in range(0, n // 10, 2)])
     cache = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
-    dls = pair_dataloaders(split, None, cache, None, {s: i for i, s in enumerate(split.ids)}, bs, size,
-                           (0.5,) * 3, (0.5,) * 3, seed=0)
+    dls = pair_dataloaders(split, split, cache, cache, {s: i for i, s in enumerate(split.ids)}, bs, size, seed=0)
     t = time.perf_counter()
     pairs = sum(len(b[0]) for b in dls.train)
     return pairs / (time.perf_counter() - t)
 
 
 def peak_memory(args) -> None:
-    """One DCAL train step's peak memory: fused attention, explicit softmax, fused with --grad-ckpt."""
+    """One DCAL train step's peak memory, without and with --grad-ckpt."""
     dev_type = "cuda" if torch.cuda.is_available() else "cpu"
     mem = {}
-    for label, extra in (("fused", []), ("explicit softmax", ["--explicit"]), ("fused + grad-ckpt", ["--grad-ckpt"])):
+    for label, extra in (("default", []), ("--grad-ckpt", ["--grad-ckpt"])):
         cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
                "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
         mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
@@ -118,12 +113,10 @@ def summary_speed(args, dev) -> None:
     emb = model.embedding(encode_all(model, cache))
     picks = {"differ": np.arange(n)} | {k: np.arange(0) for k in KINDS if k != "differ"}
     summary_maps(model, cache[:2], emb[:2], pairs[:1], {"differ": np.arange(1)})  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     t = time.time()
     summary_maps(model, cache, emb, pairs, picks)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     took = time.time() - t
     counted = build(args.arch, args.size, args.patch_size, True, fused=False).eval()
     with torch.no_grad():  # one left-out sequence, times the sequences of a pair (all windows of both faces + 2)
@@ -145,7 +138,6 @@ def main():
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--maps-only", type=int, metavar="PAIRS", help="time the pair-map summary on this many pairs")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--explicit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
@@ -153,8 +145,7 @@ def main():
     if args.memory_only:
         return peak_memory(args)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; arch {args.arch}, patch {args.patch_size or 'default'}")
+    print(f"device: {machine()}; arch {args.arch}, patch {args.patch_size or 'default'}")
     if args.maps_only:
         return summary_speed(args, dev)
     loss_fn = DCALLoss()
@@ -176,7 +167,7 @@ def main():
     dcal = build(args.arch, args.size, args.patch_size, True).to(dev)
     b = batch(args.bs, args.size, dev)
     with mixed_precision(dev):
-        t = {f"{k} {n}": timed(lambda m=m, f=f: f(m), args.reps, dev)
+        t = {f"{k} {n}": timed(lambda m=m, f=f: f(m), args.reps)
              for n, m in (("plain", plain), ("DCAL", dcal))
              for k, f in (("train", lambda m: train_step(m, b, loss_fn)), ("eval", lambda m: eval_forward(m, b)))}
     print(f"\nbatch {args.bs} pairs at {args.size}:")
@@ -186,12 +177,8 @@ def main():
           f"eval DCAL/plain {t['eval DCAL'] / t['eval plain']:.2f} (target <= 1.10)")
     recompute = build(args.arch, args.size, args.patch_size, True, grad_ckpt=True).to(dev)
     with mixed_precision(dev):
-        t_ckpt = timed(lambda: train_step(recompute, b, loss_fn), args.reps, dev)
+        t_ckpt = timed(lambda: train_step(recompute, b, loss_fn), args.reps)
     print(f"  train DCAL with --grad-ckpt {1000 * t_ckpt:.1f} ms: {t_ckpt / t['train DCAL']:.2f}x the time without")
-    if dev.type == "cuda":
-        counted = build(args.arch, args.size, args.patch_size, True, fused=False).to(dev)
-        tflops = flops(lambda: train_step(counted, b, loss_fn)) / t["train DCAL"] / 1e12
-        print(f"  DCAL train: {tflops:.2f} TFLOP/s achieved")
     peak_memory(args)
     pairs_s = loader_speed(args.size, args.bs)
     print(f"  loader: {pairs_s:.0f} pairs/s from the RAM cache with augmentation "

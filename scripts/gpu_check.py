@@ -3,18 +3,11 @@ weights. Prints the figures docs/results.md records; writes its log and a JSON o
 
     python -m scripts.gpu_check --out gpu_check
 
-1. the arch check (`check_cuda_arch`) and the machine;
-2. fp16 training steps of the Kaggle recipe (ViT-S/16 at 448, GLCA + PWCA), with and without
-   --grad-ckpt: pairs/s, and peak memory (allocated and reserved) per pair from two batch sizes;
-3. the occlusion map of one face in fp16 against fp32;
-4. `train.py --fresh --check` on the demo and on the Kaggle model: the micro-batch search, then training
-   steps and a validation pass at that batch, a checkpoint round trip;
-5. one demo epoch, stopped by the time limit, then resumed to the end (test report);
-6. export.py and interpret.py on that run;
-7. with 2+ GPUs (where every command above runs in one process per GPU by itself): the same two demo
-   epochs on all GPUs and on one (CUDA_VISIBLE_DEVICES=0), for pairs/s.
-Without a GPU (to try the script) the same runs on the CPU with 1-pair steps, the maps at the demo
-size, and the Kaggle --check at --bs 1; the arch check and memory figures are skipped.
+The arch check; fp16 steps of the Kaggle recipe (ViT-S/16 at 448, GLCA + PWCA) with and without
+--grad-ckpt (pairs/s, peak memory per pair); one occlusion map in fp16 against fp32; then the user's
+commands as they run them (each in one process per GPU by itself where there are 2+): `--check` on the
+demo and on the Kaggle model, a demo epoch stopped by the time limit and resumed, export and interpret;
+with 2+ GPUs two demo epochs on all GPUs and on one. Without a GPU the same on the CPU, smaller.
 """
 import argparse
 import json
@@ -41,14 +34,9 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 KAGGLE = Settings()  # the Kaggle recipe
 
 
-class Log:
-    def __init__(self, path: Path):
-        self.file = path.open("w")
-
-    def __call__(self, text: str) -> None:
-        print(text, flush=True)
-        self.file.write(text + "\n")
-        self.file.flush()
+def logger(path: Path):
+    file = path.open("w")
+    return lambda text: (print(text, flush=True), file.write(text + "\n"), file.flush())
 
 
 def recipe_steps(grad_ckpt: bool) -> dict:
@@ -100,7 +88,7 @@ def map_precision() -> dict:
             "same_top_window": bool(low.argmax() == full.argmax())}
 
 
-def command(log: Log, work: Path, name: str, args: list, script: str = "train.py", env: dict | None = None,
+def command(log, work: Path, name: str, args: list, script: str = "train.py", env: dict | None = None,
             keep: str = r"^(\d+ GPUs|Batch|Check|Projected|Fits|Does NOT|Test|Stopped|Resuming|Exported|Model|epoch|  python)") -> dict:
     """A real run of one of the user's commands in `work`: its exit status, time and telling lines."""
     cmd = [sys.executable, str(ROOT / script), *args]
@@ -120,7 +108,7 @@ def main() -> int:
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.log and gpu_check.json")
     out = Path(p.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "gpu_check.log")
+    log = logger(out / "gpu_check.log")
     figures = {"device": torch.cuda.get_device_name() if CUDA else "CPU (no GPU: a trial run)",
                "gpus": torch.cuda.device_count(), "torch": torch.__version__, "cuda": torch.version.cuda}
     if CUDA:
@@ -128,11 +116,10 @@ def main() -> int:
         figures.update(capability="sm_{}{}".format(*torch.cuda.get_device_capability()),
                        arch_list=torch.cuda.get_arch_list(), arch_check="passed")
     log(json.dumps(figures))
-    for name, grad_ckpt in (("recipe_steps", False), ("recipe_steps_grad_ckpt", True)):
-        figures[name] = recipe_steps(grad_ckpt)
+    for name, measure in (("recipe_steps", lambda: recipe_steps(False)),
+                          ("recipe_steps_grad_ckpt", lambda: recipe_steps(True)), ("map_fp16_vs_fp32", map_precision)):
+        figures[name] = measure()
         log(f"{name}: {json.dumps(figures[name])}")
-    figures["map_fp16_vs_fp32"] = map_precision()
-    log(f"map_fp16_vs_fp32: {json.dumps(figures['map_fp16_vs_fp32'])}")
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     demo = ["--no-wandb", "--data", "demo/data_json", "--data-root", "demo/images"]
     runs = [command(log, work, "check_demo", ["--fresh", "--demo", "--check", "--no-wandb"]),

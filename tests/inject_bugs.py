@@ -2,7 +2,7 @@
 hand; it rewrites the project's sources in place, one at a time, and restores each). Each case injects
 one realistic bug, runs the test that pins that behaviour, and prints CAUGHT or MISSED.
 
-    python tests/inject_bugs.py                 # every case (about 40 minutes on 2 CPU cores)
+    python tests/inject_bugs.py                 # every case (about 45 minutes on 2 CPU cores)
     python tests/inject_bugs.py PWCA resume     # the cases whose name contains one of these words
 """
 import os
@@ -51,8 +51,9 @@ CASES = [
  ("GLCA rollout from the PWCA stream", "twins/model.py", "probs = attention_probs(blk.attn, q[:n], k[:n])", "probs = attention_probs(blk.attn, q[-n:], k[-n:])", "tests/test_model.py", "sa_stream_s_rollout"),
  ("class centres not normalised", "twins/model.py", "F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))", "F.linear(F.normalize(x, dim=-1), self.weight)", "tests/test_model.py", "cosine_whatever"),
  ("embedding parts not normalised", "twins/model.py", 'parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])', 'parts = [out["sa"]] + ([out["glca"]] if "glca" in out else [])', "tests/test_model.py", "weighs_sa"),
- ("inference mean and std swapped", "twins/model.py", 'for k in ("mean", "std"))', 'for k in ("std", "mean"))', "tests/test_model.py", "own_mean"),
- ("loader mean and std swapped", "twins/run.py", 'mean=dc["mean"], std=dc["std"]', 'mean=dc["std"], std=dc["mean"]', "tests/test_model.py", "own_mean"),
+ ("model mean and std swapped", "twins/model.py", 'torch.tensor(dc[k]).view(1, 3, 1, 1)', 'torch.tensor(dc["std" if k == "mean" else "mean"]).view(1, 3, 1, 1)', "tests/test_model.py", "own_mean"),
+ ("test threshold chosen on the test set", "twins/evaluate.py", 'verification_report(scores, genuine, valid["eer_threshold"])', 'verification_report(scores, genuine)', "tests/test_train.py", "fresh_run_writes"),
+ ("checkpoint without its epoch's threshold", "twins/checkpoint.py", '"threshold": learn.valid_report["eer_threshold"]', '"threshold": 0.5', "tests/test_train.py", "fresh_run_writes"),
  ("data-root: the shortest tail first", "twins/data.py", "        for start in range(len(parts)):", "        for start in reversed(range(len(parts))):", "tests/test_data.py", "longest"),
  ("a repeated JSON key keeps the last", "twins/data.py", ", object_pairs_hook=no_repeats)", ")", "tests/test_refusals.py", "read_as_written"),
  ("a twin pair listed twice is taken", "twins/data.py", "    if twice:  # its impostor pairs", "    if False:  # its impostor pairs", "tests/test_refusals.py", "read_as_written"),
@@ -61,7 +62,7 @@ CASES = [
  ("a NaN loss trains on", "twins/callbacks.py", "        if self.training and not torch.isfinite(self.loss):", "        if False:", "tests/test_refusals.py", "diverging"),
  ("a NaN checkpoint loads", "twins/checkpoint.py", '    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):', "    if False:", "tests/test_refusals.py", "diverging"),
  ("checkpoint epoch from every digit", "twins/checkpoint.py", r'm = re.fullmatch(r"ep(\d+)\.pth", path.name)', r'm = re.fullmatch(r"ep(\d+)\.pth", "ep" + re.sub(r"\D", "", path.stem) + ".pth")', "tests/test_refusals.py", "exact_epoch"),
- ("export takes edited training ids", "twins/inference.py", '    check_classes({"classes": classes}, list(prepared.classes), "this model")', "    pass", "tests/test_refusals.py", "training_ids"),
+ ("interpret takes edited training ids", "twins/inference.py", '    check_classes({"classes": classes}, list(prepared.classes), "this model")', "    pass", "tests/test_refusals.py", "training_ids"),
  ("a failed checkpoint write trains on", "twins/callbacks.py", "            except OSError as e:\n                self.failed", "            except ValueError as e:\n                self.failed", "tests/test_refusals.py", "full_disk"),
  ("size not tiled by the patches", "twins/model.py", "        if img_size % patch:", "        if False:", "tests/test_refusals.py", "tile or before_decoding"),
  ("more pairs per step than images", "twins/run.py", "    if s.bs > len(data.train.paths):", "    if False:", "tests/test_refusals.py", "before_decoding"),

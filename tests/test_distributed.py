@@ -21,6 +21,7 @@ from twins.checkpoint import load_checkpoint, model_from_checkpoint
 from twins.model import DCAL
 from twins.data import prepare_data, shard
 from twins.evaluate import embed_images, evaluate
+from twins.metrics import protocol_scores, verification_report
 
 SEED = 40  # its validation split has 19 images: the last batch of two processes needs padding
 
@@ -167,7 +168,9 @@ def test_the_user_s_command_trains_on_both_gpus_writes_once_and_its_metrics_are_
     model, s, _ = model_from_checkpoint(models / "ep3.pth")
     data_one = prepare_data(s)
     data_one.decode(s.size)
-    one = evaluate(model, data_one, tmp_path)
+    emb = embed_images(model, data_one.caches["valid"])
+    one = evaluate(model, data_one, tmp_path, verification_report(*protocol_scores(
+        emb, data_one.valid.person, data_one.valid.twin_pairs)[:2]))
     two = json.loads((models / "test_report.json").read_text())
     for split in ("test", "valid"):
         for k in ("eer", "auc", "eer_threshold"):

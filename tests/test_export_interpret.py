@@ -57,7 +57,7 @@ def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(
         assert r["same"] == (r["score"] >= r["threshold"])
     assert abs(res[-1]["score"] - expected[0]) < 1e-5  # PIL images score like paths
     report = json.loads((work / "models" / "test_report.json").read_text())
-    assert abs(res[0]["threshold"] - report["valid"]["eer_threshold"]) < 1e-3  # threshold chosen on validation
+    assert res[0]["threshold"] == report["valid"]["eer_threshold"]  # the last epoch's validation chose it
 
 
 def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_path, monkeypatch):
@@ -89,8 +89,7 @@ def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo
     _, _, model, s, test = checkpoint_scores(work, *tiny_demo)
     # independently: every twin-impostor pair through the model's own forward and the loss, reduction='none'
     cache = build_cache(test.paths, s.size)
-    dc = model.data_config
-    norm = lambda x: (x.float() / 255 - torch.tensor(dc["mean"]).view(1, 3, 1, 1)) / torch.tensor(dc["std"]).view(1, 3, 1, 1)
+    norm = lambda x: x.float() / 255  # the model normalises
     imp = [(a, b) for p_, q in test.twin_pairs for a in test.images_of(p_) for b in test.images_of(q)]
     ia, ib = torch.tensor([a for a, _ in imp]), torch.tensor([b for _, b in imp])
     with torch.no_grad():
@@ -121,7 +120,7 @@ def test_interpret_errors_are_one_line_messages(fresh_run, tiny_demo, tmp_path, 
     work, _, _ = fresh_run
     _, images = tiny_demo
     monkeypatch.chdir(work)
-    with pytest.raises(SystemExit, match="^Data error: image nope.jpg does not exist"):
+    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded \(1: nope.jpg \(not found\)\)"):
         interpret.main(["--ckpt", "models/ep7", "--pair", "nope.jpg", str(next(images.rglob("*.jpg")))])
     moved = tmp_path / "moved"  # the images are no longer where training found them
     moved.mkdir()

@@ -171,10 +171,9 @@ def test_export_interpret_and_an_exported_learner_check_the_gpu_before_using_it(
     export.main(["--ckpt", ckpt, "--out", str(tmp_path / "twins.pkl")])  # on the CPU, before the fake GPU
     fake_gpu(monkeypatch, "Tesla P100-PCIE-16GB", (6, 0), BUILDS["cu128"])  # Kaggle's torch on a P100
     refusal = r"(?s)^Error: torch .* has no kernels for Tesla P100-PCIE-16GB \(sm_60;.*on Kaggle, pick GPU T4 x2"
-    with pytest.raises(SystemExit, match=refusal):
-        export.main(["--ckpt", ckpt, "--out", str(tmp_path / "again.pkl")])
+    export.main(["--ckpt", ckpt, "--out", str(tmp_path / "again.pkl")])  # export needs no GPU: it works there
+    assert (tmp_path / "again.pkl").stat().st_size > 0
     with pytest.raises(SystemExit, match=refusal):
         interpret.main(["--ckpt", ckpt, "--pair", __file__, __file__])
     with pytest.raises(TwinsError, match="has no kernels for Tesla P100"):
         open_learner(tmp_path / "twins.pkl")
-    assert not (tmp_path / "again.pkl").exists()

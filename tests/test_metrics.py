@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_settings
 from twins.run import build, prepare
-from twins.evaluate import split_report
+from twins.evaluate import embed_images
 from twins.metrics import equal_error, protocol_scores, verification_report
 
 
@@ -84,8 +84,10 @@ def test_validation_metric_is_computed_on_every_validation_image_in_order(tiny_d
     data = prepare(s)
     learn = build(s, data)
     eer, auc = learn.validate()[1:]
-    rep = split_report(learn.model, data.valid, data.caches["valid"])[0]
+    emb = embed_images(learn.model, data.caches["valid"])
+    rep = verification_report(*protocol_scores(emb, data.valid.person, data.valid.twin_pairs)[:2])
     assert eer == pytest.approx(rep["eer"], abs=1e-6) and auc == pytest.approx(rep["auc"], abs=1e-6)
+    assert learn.valid_report["eer_threshold"] == pytest.approx(rep["eer_threshold"], abs=1e-6)  # the checkpoint's
     metric = learn.metrics[0]  # one process: one embedding more or less than the images is no figure
     embs = metric.embs
     for wrong in (embs + [embs[0][:1]], [torch.cat(embs)[:-1]]):

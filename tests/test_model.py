@@ -75,7 +75,7 @@ def test_sa_stream_is_the_timm_vit():
     model = small().eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.encode(x)["sa"], model.vit.forward_features(x)[:, 0], atol=1e-5)
+        assert torch.allclose(model.encode(x)["sa"], model.vit.forward_features((x - model.mean) / model.std)[:, 0], atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -109,7 +109,7 @@ def test_glca_with_all_tokens_equals_last_block_mean_token():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = model.encode(x)
-        tokens = model.vit.forward_features(x)  # all tokens after the last block and the final norm
+        tokens = model.vit.forward_features((x - model.mean) / model.std)  # all tokens after the last block and the final norm
     assert model.n_select == model.n_patches
     assert torch.allclose(out["glca"], tokens.mean(1), atol=1e-5)
 
@@ -312,7 +312,7 @@ def test_evaluation_embeddings_come_from_the_model_in_eval_mode():
     cache = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     first, second = embed_images(model, cache), embed_images(model, cache)
     assert torch.equal(first, second)
-    x = (cache.float() / 255 - 0.5) / 0.5  # test_vit's mean = std = 0.5
+    x = cache.float() / 255  # the model normalises
     with torch.no_grad():
         assert torch.allclose(first, model.eval().embedding(model.encode(x)), atol=1e-5)
 
@@ -351,18 +351,21 @@ def test_the_embedding_weighs_sa_and_glca_equally_whatever_their_scales():
 
 
 def test_images_are_normalised_with_the_backbone_s_own_mean_and_std(tiny_demo):
-    """deit_* backbones use ImageNet's mean and std (not 0.5 / 0.5): inference and the loaders must use them."""
-    from twins.model import normalise
+    """deit_* backbones use ImageNet's mean and std (not 0.5 / 0.5): the model normalises the [0, 1]
+    images that the loaders (and inference) give it, with its backbone's own figures."""
+    from twins.model import as_input
     from twins.run import build, prepare
     from twins.settings import fresh_settings
     json_dir, images = tiny_demo
     s = fresh_settings(dict(arch="deit_tiny_patch16_224", size=32, pretrained=False, bs=4, data=str(json_dir),
                             data_root=str(images), wandb=False, valid_pct=0.25))
     learn = build(s, prepare(s))
-    dc = learn.model.data_config
+    model = learn.model.eval()
+    dc = timm.data.resolve_data_config({}, model=model.vit)
     mean, std = (torch.tensor(dc[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     assert not torch.allclose(mean, std)
     cache = learn.dls.valid.dataset.cache
-    expected = (cache[:4].float() / 255 - mean) / std
-    assert torch.allclose(normalise(learn.model, cache[:4]), expected, atol=1e-5)
-    assert torch.allclose(learn.dls.valid.one_batch()[0].cpu(), expected, atol=1e-5)  # the validation loader's
+    x = as_input(model, cache[:4])
+    assert torch.allclose(learn.dls.valid.one_batch()[0].cpu(), x, atol=1e-6)  # the loader: [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(model.encode(x)["sa"], model.vit.forward_features((x - mean) / std)[:, 0], atol=1e-5)

@@ -63,7 +63,7 @@ def test_a_photo_stored_on_its_side_is_used_upright(tmp_path):
     ("--lr", "-1e-3", "a learning rate above 0"), ("--lr", "0", "a learning rate above 0"),
     ("--top-r", "0", "a share above 0, at most 1"), ("--top-r", "1.5", "a share above 0, at most 1"),
     ("--save-every", "0", "at least 1"), ("--map-every", "0", "at least 1"), ("--size", "0", "at least 1"),
-    ("--drop-path", "1.5", "a share from 0 to below 1"), ("--valid-pct", "1", "a share from 0 to below 1"),
+    ("--drop-path", "1.5", "a share from 0 to below 1"), ("--valid-pct", "1", "a share above 0 and below 1"), ("--valid-pct", "0", "a share above 0 and below 1"),
     ("--wd", "-0.1", "a weight decay of at least 0"), ("--bs", "0", "at least 1"),
     ("--time-limit", "-2", "hours, at least 0"), ("--epochs", "many", "a whole number"),
 ])
@@ -122,7 +122,7 @@ def test_only_exact_epoch_names_are_checkpoints(fresh_run, tmp_path):
     assert newest_checkpoint(tmp_path) == tmp_path / "ep2.pth"
 
 
-def test_export_refuses_data_that_no_longer_holds_the_run_s_training_ids(fresh_run, tmp_path, monkeypatch):
+def test_interpret_refuses_data_that_no_longer_holds_the_run_s_training_ids(fresh_run, tmp_path, monkeypatch):
     work, _, _ = fresh_run
     json_dir = tmp_path / "edited"
     shutil.copytree(load_checkpoint(work / "models" / "ep7")["settings"]["data"], json_dir)
@@ -135,8 +135,8 @@ def test_export_refuses_data_that_no_longer_holds_the_run_s_training_ids(fresh_r
     monkeypatch.chdir(work)
     with pytest.raises(SystemExit, match=r"^Checkpoint error: this model was trained on other training ids than this "
                                          r"data gives"):
-        export.main(["--ckpt", "models/ep7", "--data", str(json_dir), "--out", str(tmp_path / "t.pkl")])
-    assert not (tmp_path / "t.pkl").exists()
+        interpret.main(["--ckpt", "models/ep7", "--split", "valid", "--data", str(json_dir), "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_an_out_that_cannot_hold_a_run_is_one_line(fresh_run, tmp_path, monkeypatch):
@@ -178,7 +178,7 @@ def test_messages_say_what_is_there_and_what_to_do(fresh_run, tmp_path, monkeypa
     with pytest.raises(SystemExit, match=r"^Checkpoint error: folder nomodels/ or checkpoint nomodels.pth does not exist"):
         train.main(["--resume", "nomodels"])
     jpeg(tmp_path / "a.jpg")
-    with pytest.raises(SystemExit, match=r"^Data error: image pics is a folder: give an image file"):
+    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded \(1: pics \(a folder, not an image\)\)"):
         (tmp_path / "pics").mkdir()
         interpret.main(["--ckpt", str(work / "models" / "ep7"), "--pair", "pics", "a.jpg", *data])
 

@@ -15,12 +15,12 @@ from fastai.callback.wandb import WandbCallback
 from fastai.learner import Recorder
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import epoch_path, restore_run_state, snapshot, write_atomic
+from .checkpoint import epoch_path, snapshot, write_atomic
 from .data import Split
 from .distributed import bare, gather, rank, share, world
-from .model import encode_all
+from .explain import pair_rows
 from .tracking import log_figure, wandb_run
-from .viz import maps_of, plot_pairs
+from .viz import plot_pairs
 
 
 def span(seconds: float) -> str:
@@ -181,48 +181,36 @@ class Checkpoint(EveryNEpochs):
         return path
 
 
-class RestoreRunState(Callback):
-    """On resume: puts back the run state the checkpoint was saved with (the fp16 loss scale), just
-    before the first trained epoch (after fastai's MixedPrecision has made its loss scaler)."""
+class RestoreScaler(Callback):
+    """On resume: the fp16 loss scale the checkpoint was saved with, put back just before the first
+    trained epoch (after fastai's MixedPrecision has made its loss scaler)."""
 
     def __init__(self, state: dict | None):
         self.state = state
 
     def before_train(self):
-        if self.state is not None:
-            restore_run_state(self.learn, self.state)
-            self.state = None
+        if self.state is not None and getattr(self.learn, "scaler", None) is not None:
+            self.learn.scaler.load_state_dict(self.state)
+        self.state = None
 
 
 class AttentionMaps(EveryNEpochs):
-    """Rollout heatmaps with the GLCA-selected patches for `n` fixed twin pairs of `split` (one image
-    of a person, one of their twin), after validation; saved as `folder/ep{N}.png` and logged to W&B."""
+    """`n` fixed twin pairs of `split` (one image of a person, one of their twin) drawn after validation
+    (`explain.pair_rows`: rollout heatmaps, GLCA tokens, the verdict at the epoch's threshold and what
+    decided it); saved as `folder/ep{N}.png` and logged to W&B."""
     order = Checkpoint.order + 1
 
     def __init__(self, split: Split, cache: torch.Tensor, folder: Path, every: int, n: int, seed: int):
         super().__init__(every)
         rng = np.random.default_rng(seed)
-        picks = []
-        for k in rng.permutation(len(split.twin_pairs))[:n]:
-            a, b = split.twin_pairs[k]
-            picks.append((int(rng.choice(split.images_of(a))), int(rng.choice(split.images_of(b)))))
-        self.images = torch.cat([cache[[a for a, _ in picks]], cache[[b for _, b in picks]]])
-        self.captions = [(split.ids[split.person[a]], f"twin {split.ids[split.person[b]]}") for a, b in picks]
-        self.folder = Path(folder)
+        self.pairs = [(int(rng.choice(split.images_of(a))), int(rng.choice(split.images_of(b))))
+                      for a, b in (split.twin_pairs[k] for k in rng.permutation(len(split.twin_pairs))[:n])]
+        self.split, self.cache, self.folder = split, cache, Path(folder)
 
     def act(self, done: int):
-        model = bare(self.model)
-        enc = encode_all(model, self.images)
-        emb, n = model.embedding(enc), len(self.captions)
-        imgs = self.images.permute(0, 2, 3, 1).numpy() / 255
-        rows = []
-        for i in range(n):
-            (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, i), maps_of(model, enc, n + i)
-            rows.append(dict(img_a=imgs[i], img_b=imgs[n + i], heat_a=heat_a, heat_b=heat_b, mask_a=mask_a,
-                             mask_b=mask_b, caption_a=self.captions[i][0],
-                             caption_b=f"{self.captions[i][1]}  cos {float(emb[i] @ emb[n + i]):.3f}"))
+        rows = pair_rows(bare(self.model), self.split, self.cache, self.pairs, self.valid_report["eer_threshold"])
         path = self.folder / f"ep{done}.png"
-        plot_pairs(rows, path, title=f"twin pairs, epoch {done}: rollout + GLCA tokens")
+        plot_pairs(rows, path, title=f"twin pairs, epoch {done} (outer: rollout + GLCA tokens; inner: what decided)")
         log_figure("attention_maps", path, commit=False)
 
 

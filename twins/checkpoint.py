@@ -25,8 +25,8 @@ from .errors import CheckpointError
 from .model import DCAL, device
 from .settings import Settings
 
-REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes")
-FORMAT = 2  # what a checkpoint holds: raised whenever that changes, so that an older one is named, never misread
+REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes", "threshold")
+FORMAT = 3  # what a checkpoint holds: raised whenever that changes, so that an older one is named, never misread
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
 RUN_FILES = ("ep*.pth", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
 LOCK = ".lock"
@@ -74,17 +74,6 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def run_state(learn: Learner) -> dict:
-    """What the next epoch continues from besides the weights and optimizer: the fp16 loss scale.
-    (Every random draw of an epoch comes from the seed and the epoch: `data.RedrawPairs`.)"""
-    return {"scaler": learn.scaler.state_dict()} if getattr(learn, "scaler", None) is not None else {}
-
-
-def restore_run_state(learn: Learner, state: dict) -> None:
-    if "scaler" in state and getattr(learn, "scaler", None) is not None:
-        learn.scaler.load_state_dict(state["scaler"])
-
-
 def run_meta(learn: Learner, classes: list[str], wandb_id: str | None) -> dict:
     """What a checkpoint holds besides the tensors: the settings and the plan (apart), the training
     ids, the W&B run it logs to."""
@@ -93,14 +82,17 @@ def run_meta(learn: Learner, classes: list[str], wandb_id: str | None) -> dict:
 
 def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
     """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
-    change it): model (without DDP's wrapper), optimizer, epochs completed, run state and `meta`
-    (`run_meta`). Only tensors and plain values, so that it loads with `weights_only=True`: fastai's
-    optimizer keeps its hyper-parameters in a fastcore `L` of numpy floats."""
+    change it): model (without DDP's wrapper), optimizer, epochs completed, the fp16 loss scale (every
+    random draw comes from the seed: `data.PairDL`), the verification threshold of the epoch's
+    validation (so that export needs no data) and `meta` (`run_meta`). Only tensors and plain values,
+    so that it loads with `weights_only=True`: fastai's optimizer keeps its hyper-parameters in a
+    fastcore `L` of numpy floats."""
     opt = learn.opt.state_dict()
     opt = {"state": opt["state"], "hypers": [{k: float(v) for k, v in h.items()} for h in opt["hypers"]]}
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "model": bare(learn.model).state_dict(), "opt": opt, "epoch": epoch,
-                "run_state": run_state(learn), **meta}, buf)
+                "scaler": scaler.state_dict() if (scaler := getattr(learn, "scaler", None)) else None,
+                "threshold": learn.valid_report["eer_threshold"], **meta}, buf)
     return buf.getvalue()
 
 

@@ -18,7 +18,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from fastai.data.transforms import IntToFloatTensor, Normalize
+from fastai.data.transforms import IntToFloatTensor
 from fastai.torch_core import TensorImage, set_seed
 from fastai.vision.augment import aug_transforms
 from fastcore.parallel import parallel
@@ -55,33 +55,21 @@ def _read_json(path: Path):
 
 
 def _check_info(info, path: Path) -> None:
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: expected an object mapping person id -> list of image paths, got a "
-                        f"{type(info).__name__}")
-    if not info:
-        raise DataError(f"{path}: no people in it (an empty object)")
-    bad = [k for k, v in info.items() if not (isinstance(v, list) and all(isinstance(p, str) for p in v))]
-    if bad:
-        raise DataError(f"{path}: each person id must map to a list of image paths (strings); not so for "
-                        f"({_examples(bad)})")
+    if not (isinstance(info, dict) and info and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
+                                                   for v in info.values())):
+        raise DataError(f'{path}: expected an object mapping person id -> list of image paths, e.g. '
+                        f'{{"90003": ["/data/90003/90003d13.jpg", ...]}}, with at least one person')
 
 
 def _check_pairs(pairs, path: Path) -> None:
     example = '[["90003", "90004"], ...]'
-    if not isinstance(pairs, list):
-        raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}")
-    if not pairs:
-        raise DataError(f"{path}: no twin pairs in it (an empty list)")
+    if not (isinstance(pairs, list) and pairs):
+        raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}, with at least one pair")
     for p in pairs:
-        if not isinstance(p, list):
-            raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}; found the entry {p!r}")
-        if len(p) != 2:
-            hint = ("; write a triplet as three pairs, one for each two siblings" if len(p) == 3 else "")
-            raise DataError(f"{path}: an entry with {len(p)} ids ({json.dumps(p)}): each entry is one twin pair"
-                            f"{hint}")
-        if not all(isinstance(i, str) for i in p):
-            raise DataError(f"{path}: ids must be strings, as the keys of the info file are (\"90003\"), "
-                            f"found {json.dumps(p)}")
+        if not (isinstance(p, list) and len(p) == 2 and all(isinstance(i, str) for i in p)):
+            hint = "; write a triplet as three pairs, one for each two siblings" if isinstance(p, list) and len(p) == 3 else ""
+            raise DataError(f"{path}: each entry must be one twin pair of id strings, e.g. {example}; found "
+                            f"{json.dumps(p)}{hint}")
 
 
 def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
@@ -203,12 +191,9 @@ def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> d
     return splits
 
 
-def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split | None]:
-    """Hold out whole twin families (all images of both twins) for validation."""
-    if not 0 <= valid_pct < 1:
-        raise DataError(f"--valid-pct must be in [0, 1), got {valid_pct}")
-    if valid_pct == 0:
-        return train, None
+def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split]:
+    """Hold out whole twin families (all images of both twins) for validation: the threshold is chosen
+    on them, never on people the model trained on."""
     fams = train.families()
     n_valid = max(1, round(valid_pct * len(fams)))
     if n_valid >= len(fams):
@@ -223,17 +208,21 @@ def split_valid(train: Split, valid_pct: float, seed: int) -> tuple[Split, Split
 class TwinData:
     """A run's data: the three splits, the training classes, and (after `decode`) the decoded images."""
     train: Split
-    valid: Split | None
+    valid: Split
     test: Split
     classes: dict[str, int]  # training person id -> class index
     caches: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def decode(self, size: int) -> None:
         """Decode every image of every split once into the RAM caches (all failures reported together)."""
+        failed = []
         for name in ("train", "valid", "test"):
-            split = getattr(self, name)
-            if split is not None:
-                self.caches[name] = build_cache(split.paths, size, f"{name} images")
+            try:
+                self.caches[name] = build_cache(getattr(self, name).paths, size, f"{name} images")
+            except DataError as e:
+                failed.append(str(e))
+        if failed:
+            raise DataError("; ".join(failed))
 
 
 def prepare_data(s: Settings) -> TwinData:
@@ -243,7 +232,7 @@ def prepare_data(s: Settings) -> TwinData:
     train, valid = split_valid(splits["train"], s.valid_pct, s.seed)
     parts = {"train": train, "valid": valid, "test": splits["test"]}
     print("Data: " + ", ".join(f"{k} {len(p.ids)} people / {len(p.paths)} images / {len(p.twin_pairs)} twin pairs"
-                              for k, p in parts.items() if p is not None))
+                              for k, p in parts.items()))
     return TwinData(train, valid, splits["test"], {pid: i for i, pid in enumerate(train.ids)})
 
 
@@ -452,24 +441,15 @@ class PairAugment(ItemTransform):
         return (x[: len(xa)], x[len(xa):], *targets)
 
 
-def normalizer(mean, std) -> Normalize:
-    return Normalize.from_stats(mean, std, cuda=False)
-
-
-def pair_dataloaders(train: Split, valid: Split | None, train_cache: torch.Tensor, valid_cache: torch.Tensor | None,
-                     classes: dict[str, int], bs: int, size: int, mean, std, seed: int, accum: int = 1,
+def pair_dataloaders(train: Split, valid: Split, train_cache: torch.Tensor, valid_cache: torch.Tensor,
+                     classes: dict[str, int], bs: int, size: int, seed: int, accum: int = 1,
                      device: torch.device | None = None) -> DataLoaders:
     """Training pairs (redrawn each epoch, augmented; `accum` batches of `bs` per step) and fixed
-    validation pairs (every validation image anchors once, in image order: the metrics rely on it)."""
-    norm = normalizer(mean, std)
+    validation pairs (every validation image anchors once, in image order: the metrics rely on it).
+    Images in [0, 1]: the model normalises them."""
     train_dl = PairDL(TwinPairs(train, train_cache, classes, seed, fixed=False), bs=bs, accum=accum, shuffle=True,
-                      drop_last=True, after_batch=Pipeline([IntToFloatTensor(), PairAugment(size), norm], split_idx=0),
+                      drop_last=True, after_batch=Pipeline([IntToFloatTensor(), PairAugment(size)], split_idx=0),
                       device=device)
-    dls = [train_dl]
-    if valid is not None:
-        dls.append(PairDL(TwinPairs(valid, valid_cache, classes, seed + 1, fixed=True), bs=bs, shuffle=False,
-                          after_batch=Pipeline([IntToFloatTensor(), norm], split_idx=1), device=device))
-    else:  # fastai needs a validation loader; an empty one skips validation
-        dls.append(PairDL(TwinPairs(train, train_cache, classes, seed, fixed=True), bs=bs, n=0, device=device,
-                          after_batch=[IntToFloatTensor(), norm]))
-    return DataLoaders(*dls, device=device)
+    valid_dl = PairDL(TwinPairs(valid, valid_cache, classes, seed + 1, fixed=True), bs=bs, shuffle=False,
+                      after_batch=Pipeline([IntToFloatTensor()], split_idx=1), device=device)
+    return DataLoaders(train_dl, valid_dl, device=device)

@@ -1,4 +1,4 @@
-"""Embedding a split's cached images, the verification threshold, and the twins-only test report."""
+"""Embedding a split's cached images, and the twins-only test report."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from sklearn.metrics import roc_curve
 
-from .data import Split, TwinData
+from .data import TwinData
 from .distributed import gather, is_main, rank, world
 from .metrics import protocol_scores, verification_report
 from .model import DCAL, encode_all
@@ -22,36 +22,18 @@ def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather(part))
 
 
-def split_report(model: DCAL, split: Split, cache: torch.Tensor, threshold: float | None = None):
-    """(twins-only report, scores, is_genuine, image pairs) of one split."""
-    scores, genuine, pairs = protocol_scores(embed_images(model, cache), split.person, split.twin_pairs)
-    return verification_report(scores, genuine, threshold), scores, genuine, pairs
-
-
-def choose_threshold(model: DCAL, split: Split, cache: torch.Tensor, is_valid: bool) -> tuple[float, str, dict]:
-    """The verification threshold: the EER threshold on the validation twins, or on the training
-    twins (flagged as optimistic) when the run has no validation split. Returns (threshold, source, report)."""
-    rep = split_report(model, split, cache)[0]
-    source = ("validation twins (EER threshold)" if is_valid
-              else "training twins (no validation split: --valid-pct 0), optimistic")
-    return rep["eer_threshold"], source, rep
-
-
-def evaluate(model: DCAL, data: TwinData, out: Path) -> dict:
-    """Test on the twins-only protocol, at the threshold chosen on validation (the validation EER
-    threshold; the training twins' when there is no validation split). Writes `test_report.json` and
+def evaluate(model: DCAL, data: TwinData, out: Path, valid: dict) -> dict:
+    """Test on the twins-only protocol, at the threshold the last validation chose (`valid`: its report;
+    the EER threshold of the validation twins, never the test's). Writes `test_report.json` and
     `roc.png` to `out` (the main process); returns the report. Every process calls it."""
-    has_valid = data.valid is not None
-    chosen, source, rep = choose_threshold(model, data.valid if has_valid else data.train,
-                                           data.caches["valid" if has_valid else "train"], has_valid)
-    test, scores, genuine, _ = split_report(model, data.test, data.caches["test"], chosen)
-    test["threshold_source"] = source
+    scores, genuine, _ = protocol_scores(embed_images(model, data.caches["test"]), data.test.person,
+                                         data.test.twin_pairs)
+    test = verification_report(scores, genuine, valid["eer_threshold"])
     test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
-    report = {"test": test, "valid": rep if has_valid else None}
-    if not is_main():
-        return report
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "test_report.json").write_text(json.dumps(report, indent=2))
-    far, tar, _ = roc_curve(genuine, scores)
-    plot_roc(far, tar, test, out / "roc.png")
+    report = {"test": test, "valid": valid}
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "test_report.json").write_text(json.dumps(report, indent=2))
+        far, tar, _ = roc_curve(genuine, scores)
+        plot_roc(far, tar, test, out / "roc.png")
     return report

@@ -22,8 +22,8 @@ from fastprogress.fastprogress import progress_bar
 
 from .data import Split
 from .metrics import protocol_scores
-from .model import DCAL, encode_all, mixed_precision, normalise
-from .viz import plot_summary
+from .model import DCAL, as_input, encode_all, mixed_precision
+from .viz import maps_of, plot_summary
 
 GRID = 14  # about this many windows per side: 1 patch per window at 64 px / 8, 2 x 2 patches at 448 / 16
 
@@ -52,7 +52,7 @@ def score(model: DCAL, tokens: torch.Tensor, others: torch.Tensor) -> torch.Tens
 
 @torch.no_grad()
 def occlusion_maps(model: DCAL, images: torch.Tensor, others: torch.Tensor, bs: int = 64) -> torch.Tensor:
-    """(faces, windows high, windows wide): how much the score of each face `images[f]` (normalised,
+    """(faces, windows high, windows wide): how much the score of each face `images[f]` (in [0, 1],
     on the model's device) against the embedding `others[f]` rises when each window is left out. The
     left-out sequences of all faces are batched together, `bs` per forward pass, in the caller's
     precision (`pair_maps`: training's); the scores in fp32."""
@@ -84,11 +84,35 @@ def occlusion_maps(model: DCAL, images: torch.Tensor, others: torch.Tensor, bs: 
 
 def pair_maps(model: DCAL, images: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
     """(score, map of A, map of B) for a pair of uint8 images (2, 3, H, W), in the precision of `verify`."""
-    x = normalise(model, images)
+    x = as_input(model, images)
     emb = model.embedding(encode_all(model, images)).to(x.device)
     with mixed_precision(x.device):
         maps = occlusion_maps(model, x, emb[[1, 0]])
     return float(emb[0] @ emb[1]), maps[0], maps[1]
+
+
+def pair_rows(model: DCAL, split: Split, cache: torch.Tensor, pairs, threshold: float, losses=None) -> list[dict]:
+    """Rows for `viz.plot_pairs`, one per image pair (a, b) of `split`: both faces with the rollout
+    heatmap and GLCA tokens, the score and verdict at `threshold`, the truth (a split without twin
+    pairs, one given pair, has none), the loss when given, and the occlusion maps that explain the verdict."""
+    rows = []
+    for k, (a, b) in enumerate(pairs):
+        enc = encode_all(model, cache[[a, b]])
+        emb = model.embedding(enc)
+        score = float(emb[0] @ emb[1])
+        (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, 0), maps_of(model, enc, 1)
+        row = dict(img_a=cache[a].permute(1, 2, 0).numpy() / 255, img_b=cache[b].permute(1, 2, 0).numpy() / 255,
+                   heat_a=heat_a, heat_b=heat_b, mask_a=mask_a, mask_b=mask_b, score=score, same=score >= threshold,
+                   caption_a=f"{split.ids[split.person[a]]}  {split.paths[a].name}",
+                   caption_b=f"{split.ids[split.person[b]]}  {split.paths[b].name}\ncos {score:.3f}: "
+                             f"{'same' if score >= threshold else 'different'} (threshold {threshold:.3f})")
+        if split.twin_pairs:
+            row["caption_b"] += "; truth: " + ("same" if split.person[a] == split.person[b] else "twins")
+        if losses is not None:
+            row["caption_b"] += f", loss {losses[k]:.2f}"
+        _, row["delta_a"], row["delta_b"] = pair_maps(model, cache[[a, b]])
+        rows.append(row)
+    return rows
 
 
 # The pair-map summary over a split: faces are landmark-aligned crops, so one window is one place on
@@ -133,7 +157,7 @@ def summary_maps(model: DCAL, cache: torch.Tensor, emb: torch.Tensor, pairs: np.
     for start in (progress_bar(steps, leave=False) if sys.stdout.isatty() and len(steps) > 1 else steps):
         part = todo[start:start + chunk]
         a, b = (np.array([pairs[k][j] for _, k in part]) for j in (0, 1))
-        faces = normalise(model, cache[np.concatenate([a, b])])
+        faces = as_input(model, cache[np.concatenate([a, b])])
         with mixed_precision(dev):
             maps = occlusion_maps(model, faces, emb[np.concatenate([b, a])])
         for row, (kind, _) in enumerate(part):
@@ -185,4 +209,9 @@ def write_summary(model: DCAL, split: Split, cache: torch.Tensor, threshold: flo
                                  "top": [] if mean is None else window_words(model, mean)}
     plot_summary(panels, stem.with_suffix(".png"), f"{name} pairs: occlusion maps of the pair score, averaged (threshold {threshold:.3f})")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    for kind in report["kinds"].values():
+        print(f"{kind['pairs']}: {kind['counted']} of {kind['in_split']} averaged, {kind['meaning']}:"
+              + "".join(f"\n  {t['words']}" for t in kind["top"]))
+    n = sum(k["sampled"] for k in report["kinds"].values())
+    print(f"Pair-map summary of the {name} pairs: {stem}.png and .json, {n} pairs in {seconds:.1f} s")
     return report

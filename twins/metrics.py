@@ -62,7 +62,8 @@ def verification_report(scores: np.ndarray, genuine: np.ndarray, threshold: floa
 
 
 class TwinsMetric(Metric):
-    """One figure of the twins-only protocol on the validation set, for fastai's table and W&B.
+    """One figure of the twins-only protocol on the validation set, for fastai's table and W&B; the
+    whole report is kept as `learn.valid_report` (its EER threshold goes into the epoch's checkpoint).
     The validation loader yields every validation image once as an anchor, in image order, so the
     anchors' embeddings are the embeddings of all validation images. With several processes each
     batch is gathered across them, which restores image order, and the padding of the last batch
@@ -80,12 +81,13 @@ class TwinsMetric(Metric):
 
     def accumulate(self, learn):
         self.embs.append(learn.to_detach(learn.pred["emb_a"]).float())  # gathered across processes
-        self.processes = learn.plan.processes
+        self.learn = learn
 
     @property
     def value(self):
         emb = torch.cat(self.embs)
         n = len(self.person)
-        if not n <= len(emb) < n + self.processes:  # one process: exactly n; several: at most processes-1 repeats
+        if not n <= len(emb) < n + self.learn.plan.processes:  # several processes: at most processes-1 repeats
             return None
-        return verification_report(*protocol_scores(emb[:n], self.person, self.twin_pairs)[:2])[self.key]
+        self.learn.valid_report = verification_report(*protocol_scores(emb[:n], self.person, self.twin_pairs)[:2])
+        return self.learn.valid_report[self.key]

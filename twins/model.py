@@ -10,6 +10,8 @@
 - PWCA (training only): every block with the SA weights; each image's queries attend over its own
   keys/values concatenated with its partner's from the partner's SA stream (detached), one softmax.
 - Embedding: concat(SA class token, GLCA feature), L2-normalised; pair score = cosine.
+The model takes images in [0, 1] and normalises them with its backbone's own mean and std (the one
+place that does: loaders, inference and the pair maps all feed it [0, 1] images).
 All attention for forward and backward runs through the fused `scaled_dot_product_attention`
 kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path). With
 `grad_ckpt`, each block's activations are recomputed in the backward pass instead of kept.
@@ -131,16 +133,13 @@ class DCAL(nn.Module):
                 raise TwinsError(f"timm {timm.__version__} cannot use this huggingface_hub to fetch the weights of "
                                  f"{arch}: pip install -U 'timm>=1.0.21' (or pass --weights FILE)") from None
             raise TwinsError(f"--arch {arch}: {e}") from None
-        except Exception as e:  # only the download can fail otherwise (hub unreachable, no Internet)
+        except Exception as e:  # only loading the weights can fail otherwise (no Internet, a bad file)
             if not pretrained:
                 raise
-            if weights:
-                raise TwinsError(f"--weights {weights}: cannot load them into {arch} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
-            raise TwinsError(f"the pretrained weights of {arch} could not be downloaded ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}). On Kaggle switch the notebook's "
-                             "Internet on (Settings), or add the weights file as a dataset and pass --weights "
-                             "FILE, or train from scratch with --no-pretrained") from None
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise TwinsError(f"--weights {weights}: cannot load them into {arch} ({why})" if weights else
+                             f"the pretrained weights of {arch} could not be downloaded ({why}): on Kaggle switch "
+                             "the notebook's Internet on, or pass --weights FILE, or --no-pretrained") from None
         patch = vit.patch_embed.patch_size[0]
         if img_size % patch:
             raise TwinsError(f"--size {img_size} is not a multiple of the patch size {patch} of {arch}: "
@@ -163,6 +162,9 @@ class DCAL(nn.Module):
         # uncertainty weights w_i of the SA, GLCA, PWCA losses, and the scale/bias of the pair logit.
         self.log_vars = nn.Parameter(torch.zeros(3))
         self.pair_logit = nn.Parameter(torch.tensor([10.0, -5.0]))
+        dc = timm.data.resolve_data_config({}, model=vit)
+        for k in ("mean", "std"):
+            self.register_buffer(k, torch.tensor(dc[k]).view(1, 3, 1, 1), persistent=False)
 
     @classmethod
     def from_settings(cls, s, n_classes: int, pretrained: bool | None = None) -> "DCAL":
@@ -171,16 +173,13 @@ class DCAL(nn.Module):
                    drop_path=s.drop_path, top_r=s.top_r, glca=s.glca, pwca=s.pwca, patch_size=s.patch_size,
                    grad_ckpt=s.grad_ckpt, weights=s.weights)
 
-    @property
-    def data_config(self) -> dict:
-        return timm.data.resolve_data_config({}, model=self.vit)
-
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the token sequence (class token first) with position embeddings."""
         vit = self.vit
-        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed((x - self.mean) / self.std))))
 
     def glca_forward(self, x: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """GLCA on the last block's input `x`: class token + top-R patches by rollout `row` as queries
@@ -272,11 +271,9 @@ class DCAL(nn.Module):
         return res
 
 
-def normalise(model: DCAL, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (n, 3, H, W) as the model's input, on its device: [0, 1], then its mean and std."""
-    dc, dev = model.data_config, next(model.parameters()).device
-    mean, std = (torch.tensor(dc[k], device=dev).view(1, 3, 1, 1) for k in ("mean", "std"))
-    return (images.to(dev).float() / 255 - mean) / std
+def as_input(model: DCAL, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (n, 3, H, W) as the model's input, on its device: [0, 1]."""
+    return images.to(next(model.parameters()).device).float() / 255
 
 
 @torch.no_grad()
@@ -290,7 +287,7 @@ def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
     parts = []
     for i in range(0, len(cache), bs):
         with mixed_precision(dev):  # as training's evaluation; every output cast to fp32 for the scores
-            out = model.encode(normalise(model, cache[i:i + bs]))
+            out = model.encode(as_input(model, cache[i:i + bs]))
         parts.append({k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

@@ -28,7 +28,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
-from .callbacks import (AgreedStop, AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreRunState,
+from .callbacks import (AgreedStop, AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreScaler,
                         StepAccumulation, TimmWeightDecay, span)
 from .checkpoint import check_classes, claimed, epoch_path, load_checkpoint, new_run_id, restore, run_meta
 from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
@@ -66,11 +66,9 @@ def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) ->
 def make_learner(s: Settings, plan: Plan, data: TwinData, model: DCAL) -> Learner:
     """The Learner of a run, its batch split as `plan` says (as many processes must run); the
     settings and the plan live on it (`learn.settings`, `learn.plan`), where callbacks read them."""
-    dc = model.data_config
-    dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches.get("valid"), data.classes,
-                           bs=plan.micro_bs, accum=plan.accum, size=s.size, mean=dc["mean"], std=dc["std"],
-                           seed=s.seed, device=device())
-    metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")] if data.valid else []
+    dls = pair_dataloaders(data.train, data.valid, data.caches["train"], data.caches["valid"], data.classes,
+                           bs=plan.micro_bs, accum=plan.accum, size=s.size, seed=s.seed, device=device())
+    metrics = [TwinsMetric(k, data.valid.person, data.valid.twin_pairs) for k in ("eer", "auc")]
     cbs = [TimmWeightDecay(), BranchLogger(), RedrawPairs(), AgreedStop(), StepAccumulation()]
     if plan.processes > 1:
         cbs.append(Distributed())
@@ -147,7 +145,7 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
     then return None quietly)."""
     s, out = learn.settings, Path(learn.settings.out)
     report, agreed = EpochReport(deadline), learn.agreed_stop
-    cbs = [report, RestoreRunState(ckpt.get("run_state") if ckpt else None), *extra]
+    cbs = [report, RestoreScaler(ckpt["scaler"] if ckpt else None), *extra]
     run = saver = None
     if is_main():
         run = start_wandb(s, learn.plan, ckpt.get("wandb_id") if ckpt else None)
@@ -155,10 +153,7 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
         cbs.append(saver)
         if run is not None:
             cbs.append(Wandb(log=None, log_preds=False, log_model=False))
-        if s.glca:
-            split = "valid" if data.valid is not None else "train"
-            cbs.append(AttentionMaps(getattr(data, split), data.caches[split], out / "maps", s.map_every, n=4,
-                                     seed=s.seed))
+        cbs.append(AttentionMaps(data.valid, data.caches["valid"], out / "maps", s.map_every, n=4, seed=s.seed))
     status = 1  # W&B's exit code, unless the run goes on to its report
     try:
         with on_signals(lambda name: agreed.request("signal", name)):  # a second signal cannot cut the save short
@@ -166,8 +161,7 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
                 learn.fit_one_cycle(s.epochs, s.lr, cbs=cbs, start_epoch=ckpt["epoch"] if ckpt else 0)
             except Exception:  # a crash here or in another process: keep what was trained
                 if saver is not None and (path := saver.save_last()) is not None:
-                    print(f"The last completed epoch is saved: {path}; continue with:\n  python train.py --resume "
-                          f"{path}", flush=True)
+                    print(f"The last completed epoch is saved: {resume_hint(path)}", flush=True)
                 raise
             kind, why = share(learn.stop or agreed.reason) or (None, None)  # the writer's last word
             path = (saver.save_last() if saver else None) or (epoch_path(out, saver.saved) if saver and saver.saved
@@ -178,30 +172,29 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
             return None
         elif kind == "signal":
             print(f"\nStopped by {'Ctrl-C' if why == 'SIGINT' else why} during epoch {learn.epoch + 1}. " + (
-                f"Checkpoint of the last completed epoch: {path}; continue with:\n  python train.py --resume {path}"
-                if path else "No epoch was completed: nothing to resume."), flush=True)
+                f"Checkpoint of the last completed epoch: {resume_hint(path)}" if path
+                else "No epoch was completed: nothing to resume."), flush=True)
             raise KeyboardInterrupt(why)
         elif kind == "disk":
             raise CheckpointError(f"{why}: free space on the disk, or pass another --out. " + (
-                f"The last checkpoint written: {path}; continue with:\n  python train.py --resume {path}"
-                if path else "No checkpoint was written"))
+                f"The last checkpoint written: {resume_hint(path)}" if path else "No checkpoint was written"))
         elif kind == "diverged":
             raise DivergedError(f"{why}: the learning rate is too high for this run. Start a fresh run with a lower "
                                 f"--lr (this run's: {s.lr:.3g}). " + (f"The last checkpoint, all finite: {path}"
                                                                       if path else "No epoch was saved"))
         else:
             print(f"Stopped after epoch {learn.epoch} of {s.epochs}: the next epoch would end past the time limit. "
-                  f"Checkpoint {path}; continue with:\n  python train.py --resume {path}")
+                  f"Checkpoint {resume_hint(path)}")
             status = 0
             return None
     finally:
         if run is not None and status is not None:
             run.finish(exit_code=status)
-    result = evaluate(learn.model, data, out)
+    result = evaluate(learn.model, data, out, learn.valid_report)
     t = result["test"]
     print(f"Test (twins-only, {t['n_genuine']} genuine / {t['n_impostor']} twin-impostor pairs): "
           f"EER {100 * t['eer']:.2f}%  AUC {t['auc']:.4f}  accuracy {100 * t['accuracy']:.2f}% at threshold "
-          f"{t['threshold']:.3f} from {t['threshold_source']}; report in {out / 'test_report.json'}")
+          f"{t['threshold']:.3f} (the validation twins' EER threshold); report in {out / 'test_report.json'}")
     if is_main():
         summarise(learn.model, data, t["threshold"], s.seed, out, sum(report.times))
     if run is not None:
@@ -211,6 +204,10 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
             log_figure("test/pair_map_summary", out / "summary.png", commit=False)
         run.finish()
     return result
+
+
+def resume_hint(path) -> str:
+    return f"{path}; continue with:\n  python train.py --resume {path}"
 
 
 def summarise(model: DCAL, data: TwinData, threshold: float, seed: int, out: Path, train_s: float) -> None:
@@ -226,13 +223,10 @@ def summarise(model: DCAL, data: TwinData, threshold: float, seed: int, out: Pat
         print(f"Pair-map summary skipped: {per_pair:.2f} s per pair, {len(KINDS)} pairs would take more than "
               f"{SUMMARY_SHARE:.0%} of the training time ({span(train_s)}); python interpret.py --summary writes it")
         return
-    rep = write_summary(model, data.test, cache, threshold, n, seed, out / "summary", "test")
-    shrunk = f" ({SUMMARY_SHARE:.0%} of the training time allows no more)" if n < SUMMARY_PAIRS else ""
-    print(f"Pair-map summary of the test twins: up to {n} pairs of each kind{shrunk}, {span(rep['seconds'])}; "
-          f"{out / 'summary.png'}, numbers in {out / 'summary.json'}")
-    for kind in rep["kinds"].values():
-        if kind["top"]:
-            print(f"  {kind['meaning']}: {kind['top'][0]['words']}")
+    if n < SUMMARY_PAIRS:
+        print(f"Test twins: {n} pairs of each kind for their pair maps ({SUMMARY_SHARE:.0%} of the training time "
+              "allows no more)")
+    write_summary(model, data.test, cache, threshold, n, seed, out / "summary", "test")
 
 
 def find_lr(s: Settings) -> float:
