@@ -89,6 +89,7 @@ def test_small_layout_loads(small_layout):
     (lambda tr, trp, te, tep: trp.append([90003, 90004]), 'one twin pair of id strings, .*; found \\[90003, 90004\\]'),
     (lambda tr, trp, te, tep: trp.clear(), "train_twin_pairs.json: expected a list of two-id lists, .* with at least one pair"),
     (lambda tr, trp, te, tep: te.clear(), "test_dataset_infor.json: expected an object mapping person id -> list of image paths, .* with at least one person"),
+    (lambda tr, trp, te, tep: tr.update({"90004": tr["90004"][0]}), "list of image paths, .*; not so for (1: 90004)"),
 ])
 def test_each_validation_error_names_file_and_ids(tmp_path, small_layout, mutate, message):
     _, root, tr, te = small_layout

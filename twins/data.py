@@ -55,10 +55,12 @@ def _read_json(path: Path):
 
 
 def _check_info(info, path: Path) -> None:
-    if not (isinstance(info, dict) and info and all(isinstance(v, list) and all(isinstance(p, str) for p in v)
-                                                   for v in info.values())):
+    bad = [k for k, v in info.items() if not (isinstance(v, list) and all(isinstance(p, str) for p in v))
+           ] if isinstance(info, dict) else []
+    if not (isinstance(info, dict) and info) or bad:
         raise DataError(f'{path}: expected an object mapping person id -> list of image paths, e.g. '
-                        f'{{"90003": ["/data/90003/90003d13.jpg", ...]}}, with at least one person')
+                        f'{{"90003": ["/data/90003/90003d13.jpg", ...]}}, with at least one person'
+                        + (f"; not so for ({_examples(bad)})" if bad else ""))
 
 
 def _check_pairs(pairs, path: Path) -> None:
@@ -451,5 +453,5 @@ def pair_dataloaders(train: Split, valid: Split, train_cache: torch.Tensor, vali
                       drop_last=True, after_batch=Pipeline([IntToFloatTensor(), PairAugment(size)], split_idx=0),
                       device=device)
     valid_dl = PairDL(TwinPairs(valid, valid_cache, classes, seed + 1, fixed=True), bs=bs, shuffle=False,
-                      after_batch=Pipeline([IntToFloatTensor()], split_idx=1), device=device)
+                      after_batch=IntToFloatTensor(), device=device)
     return DataLoaders(train_dl, valid_dl, device=device)
