@@ -13,13 +13,13 @@ Then, in any Python with this repository's `twins` importable:
 A .pkl is a pickle: load only files you trust.
 """
 import argparse
-import os
+import io
 import warnings
 from pathlib import Path
 
 import torch
 
-from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
+from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint, write_atomic
 from twins.errors import CheckpointError, TwinsError
 from twins.inference import inference_learner
 
@@ -28,21 +28,15 @@ def export(args: argparse.Namespace) -> None:
     """No data and no GPU: the checkpoint holds the weights and the threshold its validation chose."""
     ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
     model, _, ckpt = model_from_checkpoint(ckpt_path, torch.device("cpu"))
-    learn = inference_learner(model, ckpt, ckpt_path)
     out = Path(args.out)
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a folder: name the file, e.g. --out {out / 'twins.pkl'}")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # this process's own: never mixed with another's
-    learn.path = tmp.parent
+    pkl = io.BytesIO()  # what fastai's Learner.export writes (a learner without data or optimizer), written whole
+    torch.save(inference_learner(model, ckpt, ckpt_path), pkl, pickle_protocol=2)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        learn.export(tmp.name)
-        os.replace(tmp, out)
+        write_atomic(out, pkl.getvalue())
     except OSError as e:
         raise CheckpointError(f"--out {out} cannot be written ({e.strerror or e}): pass another --out") from None
-    finally:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
     print(f"Exported {ckpt_path} (run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']}) to {out}; "
           f"threshold {ckpt['threshold']:.4f} from that epoch's validation twins (EER threshold)")
 

@@ -5,49 +5,42 @@
     python interpret.py --pair a.jpg b.jpg     # why were these two faces judged the same / different?
     python interpret.py --summary              # over the test twins: which face parts tell them apart?
 
-Each pair: outer columns, the class-token attention rollout over each face (white squares: the patches
-GLCA selected); inner columns, the occlusion map of the pair score that explains the verdict: what made
-the two faces differ (red) or look alike (green), its strongest window outlined (twins/explain.py).
-`--summary`: the pair maps averaged over up to --pairs pairs of each kind (twins rejected: where they
-differ; twins accepted: what fooled the model; genuine pairs accepted: what stays the same), drawn over
-the mean face, with the numbers and the top windows in words (`summary_<split>.png` / `.json`).
-Figures go to --out (default models/interpret/).
+Each pair: outer columns, the attention rollout over each face (white squares: GLCA's patches); inner
+columns, what made the two faces differ (red) or look alike (green) (twins/explain.py). `--summary`
+averages those maps over pairs of each kind (twins rejected, twins accepted, genuine pairs accepted)
+over the mean face (`summary_<split>.png` / `.json`). Figures go to --out (default models/interpret/).
 """
 import argparse
 import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from twins.checkpoint import checkpoint_path, model_from_checkpoint, newest_checkpoint
-from twins.data import build_cache
+from twins.data import Split, load_faces
 from twins.errors import TwinsError
 from twins.explain import SUMMARY_PAIRS, pair_rows, write_summary
-from twins.inference import inference_learner, load_split, open_learner, single_pair, top_losses
+from twins.inference import load_split, top_losses
 from twins.settings import COUNT
 from twins.viz import plot_pairs
 
 
 def interpret(args: argparse.Namespace) -> None:
-    exported = not args.ckpt and Path(args.learner).is_file()
-    if exported:
-        learn = open_learner(args.learner)
-    else:
-        path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
-        model, _, ckpt = model_from_checkpoint(path)
-        learn = inference_learner(model, ckpt, path)
-    t, model, out = learn.twins, learn.model.eval(), Path(args.out)
-    s, threshold = t["settings"], t["threshold"]
-    print(f"Model: run {t['run_id']}, epoch {t['epoch']}, {t['checkpoint']}" + (f" exported to {args.learner}"
-                                                                               if exported else ""))
+    path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
+    model, s, ckpt = model_from_checkpoint(path)
+    threshold, out = ckpt["threshold"], Path(args.out)
+    print(f"Model: run {ckpt['plan']['run_id']}, epoch {ckpt['epoch']}, {path}")
     if args.pair:
-        split, cache = single_pair(args.pair, s.size)
+        split = Split(["image 1", "image 2"], [Path(p) for p in args.pair], np.array([0, 1]), [])  # truth unknown
+        cache = load_faces(args.pair, s.size)
         rows = pair_rows(model, split, cache, [(0, 1)], threshold)
         plot_pairs(rows, out / "pair.png", title="outer: rollout + GLCA tokens; inner: the regions that decided the verdict")
         print(f"{args.pair[0]} vs {args.pair[1]}: cos {rows[0]['score']:.4f}, threshold {threshold:.4f} -> "
               f"{'same person' if rows[0]['same'] else 'different people'}; figure {out / 'pair.png'}")
         return
-    split = load_split(s, args.split, t["classes"], args.data, args.data_root)
-    cache = build_cache(split.paths, s.size, f"{args.split} images")
+    split = load_split(s, args.split, ckpt["classes"], args.data, args.data_root)
+    cache = load_faces(split.paths, s.size, f"{args.split} images")
     if args.summary:
         write_summary(model, split, cache, threshold, args.pairs, s.seed, out / f"summary_{args.split}", args.split)
         return
@@ -66,9 +59,7 @@ def interpret(args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learner", default="models/twins.pkl", help="exported learner (default: %(default)s; "
-                   "if absent, --ckpt or the newest checkpoint is used)")
-    p.add_argument("--ckpt", help="use this checkpoint instead of the exported learner")
+    p.add_argument("--ckpt", help="checkpoint to interpret (default: the newest ep*.pth in models/)")
     p.add_argument("--split", default="test", choices=["test", "valid", "train"])
     p.add_argument("-k", type=COUNT, default=8, help="pairs per figure (default: %(default)s)")
     p.add_argument("--out", default="models/interpret", help="output folder (default: %(default)s)")

@@ -2,14 +2,13 @@
 
     python train.py --fresh                  # from ImageNet-pretrained timm weights (the Kaggle recipe)
     python train.py --resume models/ep20     # continue from the checkpoint written after epoch 20
-    python train.py --fresh --check          # a few minutes: will the run work here, and how long will it take?
     python train.py --fresh --demo           # the generated demo set, a small CPU recipe
 
 With several GPUs (Kaggle's T4 x2) the command trains in one process per GPU by itself.
 """
 import time
 
-PROCESS_START = time.time()  # --time-limit counts from here (or the Kaggle session's start), before the slow imports
+PROCESS_START = time.time()  # --time-limit counts from here, before the slow imports
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -26,11 +25,11 @@ from twins.checkpoint import checkpoint_path, load_checkpoint  # noqa: E402
 from twins.demo import make_demo  # noqa: E402
 from twins.distributed import is_main, launch, on_main, start, world  # noqa: E402
 from twins.errors import TwinsError  # noqa: E402
-from twins.run import check, find_lr, train  # noqa: E402
-from twins.settings import (COUNT, DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, SHARE, Settings, fresh_settings,  # noqa: E402
+from twins.run import find_lr, train  # noqa: E402
+from twins.settings import (COUNT, DEMO, DEMO_DIR, KAGGLE_TIME_LIMIT_H, Settings, fresh_settings,  # noqa: E402
                             ranged, resumed_settings)
 
-MODES = ("fresh", "resume", "check", "lr_find", "time_limit", "overwrite", "demo")  # how to run, not the run's settings
+MODES = ("fresh", "resume", "lr_find", "time_limit", "demo")  # how to run, not the run's settings
 
 
 def default(key: str) -> str:
@@ -47,11 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--fresh", action="store_true", help="start a new run (from the arch's pretrained weights)")
     mode.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (models/ep20) or a folder's newest; "
                       "its settings come with it")
-    run.add_argument("--check", action="store_true", help="with --fresh: the run on a step budget in a scratch folder, "
-                     "then its projected time")
     run.add_argument("--lr-find", action="store_true", help="with --fresh: fastai's learning-rate finder, no training")
     run.add_argument("--out", help=f"run folder, one run each ({default('out')}; resume: the checkpoint's)")
-    run.add_argument("--overwrite", action="store_true", help="with --fresh: delete the run already in --out first")
     run.add_argument("--save-every", type=COUNT, help=f"checkpoint every N epochs, and the last ({default('save_every')})")
     run.add_argument("--demo", action="store_true", help=f"generate (once) and use the demo set in {DEMO_DIR}/, "
                      "with the CPU demo recipe")
@@ -79,36 +75,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     schedule.add_argument("--lr", type=ranged(float, lambda v: v > 0, "a learning rate above 0"),
                           help=f"peak learning rate of that step ({default('lr')})")
     schedule.add_argument("--wd", type=ranged(float, lambda v: v >= 0, "a weight decay of at least 0"), help=f"AdamW weight decay ({default('wd')})")
-    schedule.add_argument("--drop-path", type=SHARE, help=f"stochastic depth rate ({default('drop_path')})")
+    schedule.add_argument("--drop-path", type=ranged(float, lambda v: 0 <= v < 1, "a share from 0 to below 1"), help=f"stochastic depth rate ({default('drop_path')})")
     logging = p.add_argument_group("logging")
     logging.add_argument("--map-every", type=COUNT, help=f"attention maps every N epochs ({default('map_every')})")
     logging.add_argument("--wandb-project", help=f"W&B project ({default('wandb_project')})")
     logging.add_argument("--wandb-entity", help=f"W&B entity ({default('wandb_entity')})")
     logging.add_argument("--no-wandb", dest="wandb", action="store_const", const=False, help="no W&B logging")
     gpu = p.add_argument_group("Kaggle / GPU")
-    gpu.add_argument("--grad-ckpt", action="store_const", const=True, help="recompute activations in the backward "
-                     "pass: less memory per pair, about 20%% more time")
     gpu.add_argument("--time-limit", type=ranged(float, lambda v: v >= 0, "hours, at least 0"), metavar="HOURS", help="stop with a checkpoint before an epoch would "
-                     f"end past HOURS (Kaggle: {KAGGLE_TIME_LIMIT_H}, from the session's start)")
+                     f"end past HOURS from this command's start (Kaggle: {KAGGLE_TIME_LIMIT_H})")
     args = p.parse_args(argv)
-    if (args.check or args.lr_find or args.overwrite) and not args.fresh:
-        p.error("--check, --lr-find and --overwrite go with --fresh")
-    if args.lr_find and world() > 1:
-        p.error("--lr-find runs in one process: python train.py --fresh --lr-find")
+    if args.lr_find and not args.fresh:
+        p.error("--lr-find goes with --fresh")
     return args
-
-
-def session_start() -> float:
-    """When the time limit starts: on Kaggle the session's start, which is the start of its container's
-    first process (PID 1; the cell's pip and --check count too); elsewhere this command's."""
-    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
-        try:
-            boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-            ticks = int(open("/proc/1/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start, in ticks
-            return boot + ticks / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, StopIteration):
-            pass
-    return PROCESS_START
 
 
 def main(argv=None) -> None:
@@ -137,14 +116,12 @@ def main(argv=None) -> None:
             flags["out"] = args.out or str(source.parent)  # beside the checkpoint it continues, by default
             settings = resumed_settings(Settings(**ckpt["settings"]), flags, str(source))
         print("Settings: " + ", ".join(f"{k}={v}" for k, v in vars(settings).items())
-              + (f"; time limit {limit} h from {time.ctime(session_start())}" if limit is not None else ""))
-        if args.check:
-            return check(settings, limit)
+              + (f"; time limit {limit} h from {time.ctime(PROCESS_START)}" if limit is not None else ""))
         if args.lr_find:
             find_lr(settings)
             return
         train(settings, ckpt, str(source) if source else None,
-              deadline=session_start() + 3600 * limit if limit is not None else None, overwrite=args.overwrite)
+              deadline=PROCESS_START + 3600 * limit if limit is not None else None)
     except TwinsError as e:
         raise SystemExit(f"{e.label}: {e}" if is_main() else 1) from None
     except KeyboardInterrupt:  # what was saved and how to resume is printed already

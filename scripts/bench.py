@@ -20,15 +20,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from twins.settings import DEMO, Settings
 from twins.data import Split, pair_dataloaders
-from twins.explain import KINDS, summary_maps, windows
+from twins.explain import summary_map, windows
 from twins.loss import DCALLoss
-from twins.model import DCAL, encode_all, mixed_precision
-from twins.run import machine, sync
+from twins.model import DCAL, mixed_precision
+from twins.run import machine, synced_time
 
 
-def build(arch, size, patch, dcal: bool, fused: bool = True, grad_ckpt: bool = False) -> DCAL:
-    m = DCAL(arch, 300, size, pretrained=False, drop_path=0.0, top_r=0.1, glca=dcal, pwca=dcal, patch_size=patch,
-             grad_ckpt=grad_ckpt)
+def build(arch, size, patch, dcal: bool, fused: bool = True) -> DCAL:
+    m = DCAL(arch, 300, size, pretrained=False, drop_path=0.0, top_r=0.1, glca=dcal, pwca=dcal, patch_size=patch)
     for blk in list(m.vit.blocks) + ([m.glca_block] if dcal else []):
         blk.attn.fused_attn = fused
     return m
@@ -59,18 +58,16 @@ def flops(fn) -> float:
 
 def timed(fn, reps) -> float:
     fn()  # warm-up
-    sync()
-    t = time.perf_counter()
+    t = synced_time()
     for _ in range(reps):
         fn()
-    sync()
-    return (time.perf_counter() - t) / reps
+    return (synced_time() - t) / reps
 
 
 def peak_memory_child(args):
     """Peak memory of one train step, in a fresh process so that the figure is this step's alone."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build(args.arch, args.size, args.patch_size, dcal=True, grad_ckpt=args.grad_ckpt).to(dev)
+    model = build(args.arch, args.size, args.patch_size, dcal=True).to(dev)
     b = batch(args.bs, args.size, dev)
     with mixed_precision(dev):
         train_step(model, b, DCALLoss())
@@ -90,17 +87,13 @@ def loader_speed(size, bs, n=2000) -> float:
 
 
 def peak_memory(args) -> None:
-    """One DCAL train step's peak memory, without and with --grad-ckpt."""
-    dev_type = "cuda" if torch.cuda.is_available() else "cpu"
-    mem = {}
-    for label, extra in (("default", []), ("--grad-ckpt", ["--grad-ckpt"])):
-        cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
-               "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else []) + extra
-        mem[label] = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                          cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
-    unit = "GiB reserved on the GPU" if dev_type == "cuda" else "GiB process peak RSS"
-    print(f"  peak memory of one DCAL train step ({args.bs} pairs at {args.size}): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()) + f" {unit}")
+    """One DCAL train step's peak memory."""
+    cmd = [sys.executable, "-m", "scripts.bench", "--child-memory", "--arch", args.arch, "--size", str(args.size),
+           "--bs", str(args.bs)] + (["--patch-size", str(args.patch_size)] if args.patch_size else [])
+    mem = float(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                               cwd=Path(__file__).resolve().parents[1]).stdout.split()[-1])
+    unit = "GiB reserved on the GPU" if torch.cuda.is_available() else "GiB process peak RSS"
+    print(f"  peak memory of one DCAL train step ({args.bs} pairs at {args.size}): {mem:.2f} {unit}")
 
 
 def summary_speed(args, dev) -> None:
@@ -110,14 +103,10 @@ def summary_speed(args, dev) -> None:
     n = args.maps_only
     cache = torch.randint(0, 256, (2 * n, 3, args.size, args.size), dtype=torch.uint8)
     pairs = np.arange(2 * n).reshape(n, 2)
-    emb = model.embedding(encode_all(model, cache))
-    picks = {"differ": np.arange(n)} | {k: np.arange(0) for k in KINDS if k != "differ"}
-    summary_maps(model, cache[:2], emb[:2], pairs[:1], {"differ": np.arange(1)})  # warm-up
-    sync()
-    t = time.time()
-    summary_maps(model, cache, emb, pairs, picks)
-    sync()
-    took = time.time() - t
+    summary_map(model, cache, pairs[:1], 1.0)  # warm-up
+    t = synced_time()
+    summary_map(model, cache, pairs, 1.0)
+    took = synced_time() - t
     counted = build(args.arch, args.size, args.patch_size, True, fused=False).eval()
     with torch.no_grad():  # one left-out sequence, times the sequences of a pair (all windows of both faces + 2)
         seq = counted.tokens(torch.randn(1, 3, args.size, args.size))[:, :-len(windows(counted)[0])]
@@ -138,7 +127,6 @@ def main():
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--maps-only", type=int, metavar="PAIRS", help="time the pair-map summary on this many pairs")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_memory:
         return peak_memory_child(args)
@@ -175,10 +163,6 @@ def main():
         print(f"  {k:12s} {1000 * v:9.1f} ms   {2 * args.bs / v:8.1f} images/s")
     print(f"  ratio train DCAL/plain {t['train DCAL'] / t['train plain']:.2f} (target <= 2.3), "
           f"eval DCAL/plain {t['eval DCAL'] / t['eval plain']:.2f} (target <= 1.10)")
-    recompute = build(args.arch, args.size, args.patch_size, True, grad_ckpt=True).to(dev)
-    with mixed_precision(dev):
-        t_ckpt = timed(lambda: train_step(recompute, b, loss_fn), args.reps)
-    print(f"  train DCAL with --grad-ckpt {1000 * t_ckpt:.1f} ms: {t_ckpt / t['train DCAL']:.2f}x the time without")
     peak_memory(args)
     pairs_s = loader_speed(args.size, args.bs)
     print(f"  loader: {pairs_s:.0f} pairs/s from the RAM cache with augmentation "

@@ -1,7 +1,6 @@
 """Fitting the GPU and the session: the batch search, gradient accumulation, the time limit, the
 preflight check, the learning-rate finder, and the exact Kaggle recipe on the CPU."""
 import shutil
-import tempfile
 
 import pytest
 import torch
@@ -80,8 +79,7 @@ def test_a_step_that_processes_cannot_share_equally_is_refused(monkeypatch):
 def test_a_gpu_that_fits_no_pair_says_what_to_change():
     def step(bs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    with pytest.raises(TwinsError, match=r"not even one training pair fits in this GPU's memory: pass --grad-ckpt, or "
-                                         r"a smaller --size"):
+    with pytest.raises(TwinsError, match=r"not even one training pair fits in this GPU's memory: pass a smaller --size"):
         largest_fitting(step, 4)
 
 
@@ -153,44 +151,12 @@ def test_time_limit_stops_with_a_checkpoint_that_resumes_like_any_other(fresh_ru
     assert "\r" not in p.stdout and "█" not in p.stdout  # a log file gets lines, not progress bars
 
 
-def test_on_kaggle_the_time_limit_counts_from_the_session_s_start(monkeypatch):
-    import psutil  # accelerate's dependency
-    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE", raising=False)
-    assert train.session_start() == train.PROCESS_START  # elsewhere: this command's start
-    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")  # a "Save & Run All" version
-    assert train.session_start() == pytest.approx(psutil.Process(1).create_time(), abs=1.0)  # the container's start
-    assert train.session_start() <= train.PROCESS_START
-
-
-def test_check_is_the_run_on_a_budget_and_projects_its_time(tiny_demo, tmp_path, monkeypatch, capsys):
-    json_dir, images = tiny_demo
-    monkeypatch.chdir(tmp_path)
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    args = ["--fresh", "--check", *TINY, "--data", str(json_dir), "--data-root", str(images), "--no-wandb"]
-    train.main([*args, "--bs", "2", "--epochs", "40"])  # 26 steps an epoch: 22 in the budget
-    out = capsys.readouterr().out
-    for line in ("Check: 1 x CPU", "Batch: 2 pairs per optimiser step\n", "epoch 1/1 ", "Test (twins-only",
-                 "Resuming from ", "epoch 1 of 2 done", "epoch 2/2 ", "Check passed: ", "for 40 epochs",
-                 "Fits a Kaggle session"):
-        assert line in out, line
-    epoch = [line for line in out.splitlines() if line.startswith("epoch 1/1 ")][0]
-    assert "valid_eer" in epoch  # validation ran after the budget's steps
-    assert "Run " in out and f" in {scratch}/twins-check-" in out  # the run itself, in a scratch folder ...
-    assert list(tmp_path.iterdir()) == [scratch] and not list(scratch.iterdir())  # ... gone after; no models/
-    with pytest.raises(SystemExit, match=r"^Error: the pretrained weights of vit_small_patch16_224 could not be "
-                                         r"downloaded"):  # a check fails as the run would
-        train.main([a for a in args if a != "--no-pretrained"] + ["--arch", "vit_small_patch16_224", "--patch-size", "16"])
-
-
-def test_lr_find_saves_the_plot_and_suggests_a_learning_rate(tiny_demo, tmp_path, monkeypatch, capsys):
+def test_lr_find_suggests_a_learning_rate_and_trains_nothing(tiny_demo, tmp_path, monkeypatch, capsys):
     json_dir, images = tiny_demo
     monkeypatch.chdir(tmp_path)
     train.main(["--fresh", "--lr-find", *TINY, "--data", str(json_dir), "--data-root", str(images), "--no-wandb"])
     out = capsys.readouterr().out
-    assert (tmp_path / "models" / "lr_find.png").stat().st_size > 5000
-    assert "lr_find on CPU (" in out and "8 pairs per optimiser step: valley" in out
+    assert "lr_find, 8 pairs per optimiser step: valley" in out
     valley = float(out.split("valley ")[1].split()[0])
     assert f"python train.py --fresh --lr {valley:.3g}" in out  # the lr of the run's own step, not rescaled
     assert not list((tmp_path / "models").glob("*.pth"))  # no training kept

@@ -15,7 +15,7 @@ from fastai.torch_core import TensorImage
 from helpers import SHARED_JSON, jpeg, tiny_settings, write_layout
 from twins.run import build, prepare
 from twins.errors import DataError
-from twins.data import (PairAugment, build_cache, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
+from twins.data import (PairAugment, load_faces, load_dataset, pair_dataloaders, resolve_path, sample_pairs,
                         split_valid)
 
 
@@ -158,7 +158,7 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     json_dir, root = tiny_demo
     s = load_dataset(json_dir, root)
     tr = s["train"]
-    cache = build_cache(tr.paths, 32)
+    cache = load_faces(tr.paths, 32)
     assert cache.shape == (len(tr.paths), 3, 32, 32) and cache.dtype == torch.uint8
     ref = np.asarray(Image.open(tr.paths[5]).convert("RGB").resize((32, 32), Image.BICUBIC))
     got = cache[5].permute(1, 2, 0).numpy().astype(int)
@@ -167,7 +167,7 @@ def test_cache_holds_the_decoded_files_and_batches_are_right(tiny_demo):
     other = np.asarray(Image.open(tr.paths[-1]).convert("RGB").resize((32, 32), Image.BICUBIC))
     assert np.abs(got - other).mean() > 10
     train, valid = split_valid(tr, 0.25, seed=0)
-    caches = build_cache(train.paths, 32), build_cache(valid.paths, 32)
+    caches = load_faces(train.paths, 32), load_faces(valid.paths, 32)
     classes = {pid: i for i, pid in enumerate(train.ids)}
     dls = pair_dataloaders(train, valid, *caches, classes, bs=6, size=32, seed=0)
     xa, xb, same, ya, yb = dls.train.one_batch()

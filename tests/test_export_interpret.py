@@ -10,8 +10,8 @@ import torch
 import export
 import interpret
 from helpers import ROOT, run
-from twins.evaluate import embed_images
-from twins.data import build_cache, load_dataset
+from twins.model import embed_images
+from twins.data import load_faces, load_dataset
 from twins.checkpoint import model_from_checkpoint
 from twins.loss import DCALLoss
 
@@ -21,7 +21,7 @@ def checkpoint_scores(work, json_dir, images, n=6):
     model, s, _ = model_from_checkpoint(work / "models" / "ep7.pth")
     test = load_dataset(json_dir, images)["test"]
     paths = [test.paths[i] for i in range(0, 2 * n)]
-    emb = embed_images(model, build_cache(paths, s.size))
+    emb = embed_images(model, load_faces(paths, s.size))
     return paths, [float(emb[2 * i] @ emb[2 * i + 1]) for i in range(n)], model, s, test
 
 
@@ -88,7 +88,7 @@ def test_interpret_lists_the_true_top_losses_and_draws_them(fresh_run, tiny_demo
     listing = json.loads((work / "interp" / "top_losses.json").read_text())
     _, _, model, s, test = checkpoint_scores(work, *tiny_demo)
     # independently: every twin-impostor pair through the model's own forward and the loss, reduction='none'
-    cache = build_cache(test.paths, s.size)
+    cache = load_faces(test.paths, s.size)
     norm = lambda x: x.float() / 255  # the model normalises
     imp = [(a, b) for p_, q in test.twin_pairs for a in test.images_of(p_) for b in test.images_of(q)]
     ia, ib = torch.tensor([a for a, _ in imp]), torch.tensor([b for _, b in imp])
@@ -120,7 +120,7 @@ def test_interpret_errors_are_one_line_messages(fresh_run, tiny_demo, tmp_path, 
     work, _, _ = fresh_run
     _, images = tiny_demo
     monkeypatch.chdir(work)
-    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded \(1: nope.jpg \(not found\)\)"):
+    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded \(1: nope.jpg \(No such file or directory\)\)"):
         interpret.main(["--ckpt", "models/ep7", "--pair", "nope.jpg", str(next(images.rglob("*.jpg")))])
     moved = tmp_path / "moved"  # the images are no longer where training found them
     moved.mkdir()

@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_settings
 from twins.run import build, prepare
-from twins.evaluate import embed_images
+from twins.model import embed_images
 from twins.metrics import equal_error, protocol_scores, verification_report
 
 

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-import export
 import interpret
 import train
 from helpers import ROOT, TINY, run
@@ -41,22 +40,16 @@ def copy_run(src: Path, dest: Path, keep=None) -> Path:
     return dest
 
 
-def test_fresh_never_overwrites_a_run_unless_told(fresh_run, tmp_path, monkeypatch, capsys):
+def test_fresh_never_overwrites_a_run(fresh_run, tmp_path, monkeypatch, capsys):
     work, data, _ = fresh_run
     before = {f.name: digest(f) for f in (work / "models").glob("*") if f.is_file()}
     monkeypatch.chdir(work)
     with pytest.raises(SystemExit, match=r"^Checkpoint error: models/ holds another run \(.*ep5.pth.*\); a fresh run "
-                                         r"never overwrites one: pass --out NEW_FOLDER"):
+                                         r"never overwrites one: pass --out NEW_FOLDER, or delete it first \(rm -r "
+                                         r"models\), or continue it: python train.py --resume models$"):
         train.main(["--fresh", "--epochs", "1", *TINY, *data, "--no-wandb"])
     assert {f.name: digest(f) for f in (work / "models").glob("*") if f.is_file()} == before
     assert "Caching" not in capsys.readouterr().out  # refused before any image was decoded
-    copy = copy_run(work / "models", tmp_path / "models")
-    monkeypatch.chdir(tmp_path)
-    train.main(["--fresh", "--epochs", "1", *TINY, *data, "--no-wandb", "--overwrite"])
-    out = capsys.readouterr().out
-    assert "--overwrite: deleted the previous run in models/" in out
-    assert sorted(f.name for f in copy.glob("ep*.pth")) == ["ep1.pth"]
-    assert load_checkpoint(copy / "ep1")["plan"]["run_id"] != load_checkpoint(work / "models" / "ep7")["plan"]["run_id"]
 
 
 def test_resume_writes_beside_its_checkpoint_and_never_over_a_later_one(fresh_run, tmp_path, monkeypatch):
@@ -150,8 +143,8 @@ def bad_images(folder: Path) -> dict:
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("not an image")
     (folder / "folder.jpg").mkdir(exist_ok=True)
-    return {"truncated.jpg": "truncated", "empty.jpg": "empty file", "text.jpg": "not an image",
-            "folder.jpg": "a folder, not an image"}
+    return {"truncated.jpg": "truncated", "empty.jpg": "not an image, or an empty file", "text.jpg": "not an image",
+            "folder.jpg": "Is a directory"}
 
 
 def test_every_bad_image_is_named_in_one_message_before_training(small_layout, tmp_path, monkeypatch):
@@ -166,7 +159,7 @@ def test_every_bad_image_is_named_in_one_message_before_training(small_layout, t
     with pytest.raises(SystemExit) as stop:
         train.main(["--fresh", *TINY, "--bs", "2", "--data", str(folder), "--data-root", str(root), "--no-wandb"])
     msg = str(stop.value.code)  # training and validation images, in one message
-    assert msg.startswith("Data error: ") and msg.count(" images cannot be decoded") == 2, msg
+    assert msg.startswith("Data error: 4 of ") and msg.count(" images cannot be decoded") == 1, msg
     for pid, why in zip(("90003", "90004", "90056", "90059"), bad.values()):
         assert f"{pid}d0.jpg ({why}" in msg
     assert not (tmp_path / "models").exists()
@@ -182,7 +175,7 @@ def test_16_bit_and_other_modes_decode_to_the_right_pixels(tmp_path):
     assert got[0].float().mean() == pytest.approx(127, abs=3)
     assert got[2][:, 0, 0].tolist() == [10, 200, 30]
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
-    with pytest.raises(DataError, match=r"float.tif \(ValueError: a 32-bit float image"):
+    with pytest.raises(DataError, match=r"float.tif \(a 32-bit float image"):
         load_faces([tmp_path / "float.tif"], 64)
 
 
@@ -201,19 +194,9 @@ def test_interpret_says_which_model_and_names_bad_files(fresh_run, tiny_demo, tm
     monkeypatch.chdir(work)
     good = str(next(images.rglob("*.jpg")))
     bad_images(tmp_path)
-    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded .*truncated.jpg \(truncated"):
+    with pytest.raises(SystemExit, match=r"^Data error: 1 of 2 images cannot be decoded .*truncated.jpg \(truncated: an incomplete copy\?\)"):
         interpret.main(["--ckpt", "models/ep5", "--pair", good, str(tmp_path / "truncated.jpg"), "--out", str(tmp_path)])
     assert re.search(r"^Model: run \w+, epoch 5, models/ep5.pth$", capsys.readouterr().out, re.M)
-    export.main(["--ckpt", "models/ep5", "--out", "models/old.pkl"])
-    try:
-        interpret.main(["--learner", "models/old.pkl", "--pair", good, good, "--out", str(tmp_path)])
-    finally:
-        (work / "models" / "old.pkl").unlink()
-    out = capsys.readouterr().out
-    assert re.search(r"^Model: run \w+, epoch 5, models/ep5.pth exported to models/old.pkl$", out, re.M)
-    (tmp_path / "trunc.pkl").write_bytes(b"\x80\x04\x95")
-    with pytest.raises(SystemExit, match=r"^Checkpoint error: exported learner .*trunc.pkl cannot be read"):
-        interpret.main(["--learner", str(tmp_path / "trunc.pkl"), "--pair", good, good])
 
 
 def test_wandb_mode_is_decided_at_once_and_said(tmp_path, monkeypatch, capsys):

@@ -19,7 +19,7 @@ from .checkpoint import epoch_path, snapshot, write_atomic
 from .data import Split
 from .distributed import bare, gather, rank, share, world
 from .explain import pair_rows
-from .tracking import log_figure, wandb_run
+from .tracking import log_figure, wandb
 from .viz import plot_pairs
 
 
@@ -59,8 +59,8 @@ class BranchLogger(Callback):
         for k, v in last.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
-        if (run := wandb_run()) is not None:
-            run.log({f"branch/{k}": v for k, v in last.items()}, commit=False)
+        if wandb.run is not None:
+            wandb.run.log({f"branch/{k}": v for k, v in last.items()}, commit=False)
 
     def means(self) -> dict:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
@@ -82,18 +82,14 @@ class EveryNEpochs(Callback):
     def after_epoch(self):
         done = self.epoch + 1
         if self.trained and (done % self.every == 0 or done == self.n_epoch):
-            self.act(done)
-
-    def act(self, done: int):
-        raise NotImplementedError
+            self.act(done)  # the subclass's
 
 
 class AgreedStop(Callback):
-    """Stops that every process agrees on, at the same batch: a non-finite training loss in any
-    process, a signal to any (`request`, from run.py's handlers), a checkpoint that could not be
-    written (`request` by the writer). After every loss, before any gradient is exchanged, the
-    processes exchange their reasons (one small all-gather; nothing with one process); all then cancel
-    the fit together, so no process is left waiting in a collective. `learn.stop` says (kind, why)."""
+    """Stops that every process agrees on, at the same batch: a non-finite training loss in any process, a
+    signal to any or a checkpoint not written (`request`). After every loss, before any gradient is
+    exchanged, the processes exchange their reasons (one small all-gather) and all cancel the fit
+    together, so none is left waiting in a collective. `learn.stop` says (kind, why)."""
     order, reason = TerminateOnNaNCallback.order, None
 
     def before_fit(self):
@@ -215,12 +211,10 @@ class AttentionMaps(EveryNEpochs):
 
 
 class EpochReport(EveryNEpochs):
-    """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the
-    epoch's time (validation, heatmaps and checkpoint included), training pairs/s (of all processes),
-    peak GPU memory allocated and reserved (of this process), and when the run will end. Before an
-    epoch that would end past `deadline` (a time.time() value), the run stops cleanly
-    (CancelFitException: `Checkpoint` saves the last epoch) and `stopped` says so; with several
-    processes the main one decides for all."""
+    """One line per trained epoch, and the same figures in W&B: losses, metrics, branch losses, the epoch's
+    time (validation, maps and checkpoint included), pairs/s of all processes, this process's peak GPU
+    memory, when the run will end. Before an epoch that would end past `deadline` (a time.time() value)
+    the main process stops the run for all (`Checkpoint` saves the last epoch; `stopped` says so)."""
     order = ProgressCallback.order + 1  # after everything else an epoch does
 
     def __init__(self, deadline: float | None):
@@ -249,7 +243,6 @@ class EpochReport(EveryNEpochs):
         left = (self.n_epoch - done) * sum(self.times) / len(self.times)
         stats = {"epoch_s": took, "pairs_per_s": self.pairs_per_s, "hours_to_end": left / 3600}
         if torch.cuda.is_available():
-            stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
             stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # what runs out
         names = self.recorder.metric_names[1:-1]  # without "epoch" and "time"
         values = {n: v for n, v in zip(names, self.recorder.log[1:]) if isinstance(v, (int, float))}  # not "#na#"
@@ -257,11 +250,11 @@ class EpochReport(EveryNEpochs):
                 + " ".join(f"{n} {v:.4f}" for n, v in values.items())
                 + " | " + " ".join(f"{k} {v:.4f}" for k, v in self.learn.branch_logger.means().items())
                 + f" | {span(took)}, {self.pairs_per_s:.1f} pairs/s")
-        if "peak_gpu_gib" in stats:
-            line += f", peak GPU {stats['peak_gpu_gib']:.2f} GiB ({stats['peak_reserved_gib']:.2f} reserved)"
+        if "peak_reserved_gib" in stats:
+            line += f", peak GPU {stats['peak_reserved_gib']:.2f} GiB reserved"
         line += f" | ends in {span(left)}"
         if self.deadline is not None:
             line += f" (time limit in {span(self.deadline - time.time())})"
         print(line, flush=True)
-        if (run := wandb_run()) is not None:
-            run.log({f"epoch/{k}": v for k, v in stats.items()}, commit=False)
+        if wandb.run is not None:
+            wandb.run.log({f"epoch/{k}": v for k, v in stats.items()}, commit=False)

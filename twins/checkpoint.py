@@ -7,11 +7,8 @@ from __future__ import annotations
 import fcntl
 import io
 import os
-import pickle
 import re
 import secrets
-import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +25,7 @@ from .settings import Settings
 REQUIRED = ("model", "opt", "epoch", "settings", "plan", "classes", "threshold")
 FORMAT = 3  # what a checkpoint holds: raised whenever that changes, so that an older one is named, never misread
 # What a run leaves in its folder (train.py, export.py, interpret.py); --lr-find's plot is no run.
-RUN_FILES = ("ep*.pth", "test_report.json", "roc.png", "summary.*", "maps", "twins.pkl", "interpret")
+RUN_FILES = ("ep*.pth", "test_report.json", "roc.png", "maps", "twins.pkl", "interpret")
 LOCK = ".lock"
 
 
@@ -81,12 +78,10 @@ def run_meta(learn: Learner, classes: list[str], wandb_id: str | None) -> dict:
 
 
 def snapshot(learn: Learner, epoch: int, meta: dict) -> bytes:
-    """The checkpoint of the Learner as it is now, serialised (a copy: later training steps do not
-    change it): model (without DDP's wrapper), optimizer, epochs completed, the fp16 loss scale (every
-    random draw comes from the seed: `data.PairDL`), the verification threshold of the epoch's
-    validation (so that export needs no data) and `meta` (`run_meta`). Only tensors and plain values,
-    so that it loads with `weights_only=True`: fastai's optimizer keeps its hyper-parameters in a
-    fastcore `L` of numpy floats."""
+    """The Learner as it is now, serialised (later steps do not change it): model (without DDP's wrapper),
+    optimizer, epochs done, the fp16 loss scale (every random draw comes from the seed: `data.PairDL`),
+    the epoch's validation threshold (export needs no data) and `meta`. Only tensors and plain values, so
+    that it loads with `weights_only=True` (fastai keeps its hyper-parameters as numpy floats in an `L`)."""
     opt = learn.opt.state_dict()
     opt = {"state": opt["state"], "hypers": [{k: float(v) for k, v in h.items()} for h in opt["hypers"]]}
     buf = io.BytesIO()
@@ -106,20 +101,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{what} does not exist" + (f"; found: {', '.join(map(str, near))}" if near else ""))
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)  # a pickled object could run code
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # weights_only refuses a pickled object, which could run code
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if not found:
-            raise CheckpointError(f"checkpoint {p} cannot be read (not a checkpoint, or an incomplete copy)") from None
-        raise CheckpointError(f"checkpoint {p} holds an object ({found[1]}), not only tensors and plain values: "
-                              "loading it could run code, so it is refused") from None
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {p} cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint {p} cannot be read (" + (
+            f"it holds an object, {found[1]}, whose loading could run code)" if found else
+            f"not a checkpoint, or an incomplete copy: {type(e).__name__})")) from None
     missing = set(REQUIRED) - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if isinstance(ckpt, dict) and ("config" in ckpt or not missing and ckpt.get("format") != FORMAT):
         raise CheckpointError(f"{p} was written by an earlier version of twins, which this one cannot resume "
                               "or export; train it again with python train.py --fresh")
     if missing:
         raise CheckpointError(f"{p} is not a twins checkpoint (missing {', '.join(sorted(missing))})")
+    ckpt["settings"].pop("grad_ckpt", None)  # a setting until format 3's last release, without effect on the run
     if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
         raise CheckpointError(f"{p} holds NaN or infinite weights (its run diverged); use an earlier checkpoint")
     return ckpt
@@ -159,50 +152,40 @@ def restore(learn: Learner, ckpt: dict, source: str | Path) -> None:
     learn.opt.load_state_dict(to_device(ckpt["opt"], device()))
 
 
-def new_run_id() -> str:
-    return uuid.uuid4().hex[:8]
-
-
 @contextmanager
-def claimed(folder: Path, epoch: int | None, overwrite: bool = False):
+def claimed(folder: Path, epoch: int | None):
     """`folder` held for one run while inside: an OS lock (released when the process ends, however it
     ends), so a second run there is refused. A fresh run (`epoch` None) needs a folder without another
-    run's files (`overwrite` deletes them first); a resume from `epoch` never writes over a later
-    checkpoint. Leftovers of a killed write are removed."""
+    run's files (it never deletes one); a resume from `epoch` never writes over a later checkpoint.
+    Leftovers of a killed write are removed."""
     created = not folder.exists()
-    if folder.is_file():
-        raise CheckpointError(f"--out {folder} is a file, not a folder: pass another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / LOCK, "w")
     except OSError as e:  # a file on the way, a read-only place, a full disk
         raise CheckpointError(f"--out {folder}/ cannot be written ({e.strerror or e}): pass another --out") from None
-    try:
-        with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise CheckpointError(f"{folder}/ is being written by another run: wait for it, or pass another "
-                                      "--out") from None
-            try:
-                found = sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)})
-                later = [p.name for p in checkpoints(folder) if epoch is not None and checkpoint_epoch(p) > epoch]
-                if epoch is None and found and not overwrite:
-                    raise CheckpointError(
-                        f"{folder}/ holds another run ({', '.join(p.name for p in found[:6])}); a fresh run never "
-                        "overwrites one: pass --out NEW_FOLDER, or add --overwrite to delete it first"
-                        + (f" (or continue it: python train.py --resume {folder})" if checkpoints(folder) else ""))
-                if later:
-                    raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming "
-                                          f"from epoch {epoch} there would overwrite them. Resume from the newest "
-                                          f"(--resume {folder}), or into another folder with --out")
-                for p in (found if epoch is None else []) + list(folder.glob(".*.tmp")):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-                if epoch is None and found:
-                    print(f"--overwrite: deleted the previous run in {folder}/")
-                yield
-            finally:
-                (folder / LOCK).unlink(missing_ok=True)
-    finally:
-        if created and folder.is_dir() and not any(folder.iterdir()):  # a run that wrote nothing leaves no folder
-            folder.rmdir()
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"{folder}/ is being written by another run: wait for it, or pass another "
+                                  "--out") from None
+        try:
+            found = sorted({p for pattern in RUN_FILES for p in folder.glob(pattern)}) if epoch is None else []
+            if found:
+                raise CheckpointError(
+                    f"{folder}/ holds another run ({', '.join(p.name for p in found[:6])}); a fresh run never "
+                    f"overwrites one: pass --out NEW_FOLDER, or delete it first (rm -r {folder})"
+                    + (f", or continue it: python train.py --resume {folder}" if checkpoints(folder) else ""))
+            later = [p.name for p in checkpoints(folder) if epoch is not None and checkpoint_epoch(p) > epoch]
+            if later:
+                raise CheckpointError(f"{folder}/ already holds later checkpoints ({', '.join(later)}); resuming "
+                                      f"from epoch {epoch} there would overwrite them. Resume from the newest "
+                                      f"(--resume {folder}), or into another folder with --out")
+            for p in folder.glob(".*.tmp"):
+                p.unlink()
+            yield
+        finally:
+            (folder / LOCK).unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):  # a run that wrote nothing leaves no folder
+                folder.rmdir()

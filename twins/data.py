@@ -31,8 +31,6 @@ from .distributed import rank, world
 from .errors import DataError
 from .settings import Settings
 
-SPLITS = ("train", "test")
-
 
 def _examples(items, n: int = 5) -> str:
     items = list(items)
@@ -40,13 +38,19 @@ def _examples(items, n: int = 5) -> str:
     return f"{len(items)}: {shown}" + (", ..." if len(items) > n else "")
 
 
+def _refuse(items, what: str, remedy: str = "") -> None:
+    """One DataError for every problem of a kind: what is wrong, how many and which, what to do."""
+    if items:
+        raise DataError(f"{what} ({_examples(sorted(items))})" + (f"; {remedy}" if remedy else ""))
+
+
 def _read_json(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found (expected the four files of the ND-TWIN layout in {path.parent})")
+
     def no_repeats(items: list) -> dict:  # json keeps the last of a repeated key: the other images would vanish
-        repeated = sorted({k for k, n in Counter(k for k, _ in items).items() if n > 1})
-        if repeated:
-            raise DataError(f"{path}: ids listed more than once as keys ({_examples(repeated)}); merge their image lists")
+        _refuse({k for k, n in Counter(k for k, _ in items).items() if n > 1}, f"{path}: ids listed more than once "
+                "as keys", "merge their image lists")
         return dict(items)
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_repeats)  # -sig: a BOM is fine
@@ -54,50 +58,32 @@ def _read_json(path: Path):
         raise DataError(f"{path}: malformed JSON ({e})") from None
 
 
-def _check_info(info, path: Path) -> None:
+def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Read and check one split's info and pairs files: their shape, then what they say."""
+    info_path, pairs_path = Path(json_dir) / f"{split}_dataset_infor.json", Path(json_dir) / f"{split}_twin_pairs.json"
+    info, pairs = _read_json(info_path), _read_json(pairs_path)
     bad = [k for k, v in info.items() if not (isinstance(v, list) and all(isinstance(p, str) for p in v))
            ] if isinstance(info, dict) else []
     if not (isinstance(info, dict) and info) or bad:
-        raise DataError(f'{path}: expected an object mapping person id -> list of image paths, e.g. '
+        raise DataError(f'{info_path}: expected an object mapping person id -> list of image paths, e.g. '
                         f'{{"90003": ["/data/90003/90003d13.jpg", ...]}}, with at least one person'
                         + (f"; not so for ({_examples(bad)})" if bad else ""))
-
-
-def _check_pairs(pairs, path: Path) -> None:
     example = '[["90003", "90004"], ...]'
     if not (isinstance(pairs, list) and pairs):
-        raise DataError(f"{path}: expected a list of two-id lists, e.g. {example}, with at least one pair")
+        raise DataError(f"{pairs_path}: expected a list of two-id lists, e.g. {example}, with at least one pair")
     for p in pairs:
         if not (isinstance(p, list) and len(p) == 2 and all(isinstance(i, str) for i in p)):
             hint = "; write a triplet as three pairs, one for each two siblings" if isinstance(p, list) and len(p) == 3 else ""
-            raise DataError(f"{path}: each entry must be one twin pair of id strings, e.g. {example}; found "
+            raise DataError(f"{pairs_path}: each entry must be one twin pair of id strings, e.g. {example}; found "
                             f"{json.dumps(p)}{hint}")
-
-
-def read_split(json_dir: Path, split: str) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
-    """Read and shape-check one split's info and pairs files."""
-    info_path = Path(json_dir) / f"{split}_dataset_infor.json"
-    pairs_path = Path(json_dir) / f"{split}_twin_pairs.json"
-    info, pairs = _read_json(info_path), _read_json(pairs_path)
-    _check_info(info, info_path)
-    _check_pairs(pairs, pairs_path)
-    unknown = sorted({i for p in pairs for i in p if i not in info})
-    if unknown:
-        raise DataError(f"{pairs_path}: twin pairs name ids missing from {info_path.name} ({_examples(unknown)})")
-    self_pairs = [p for p in pairs if p[0] == p[1]]
-    if self_pairs:
-        raise DataError(f"{pairs_path}: pairs of a person with themself ({_examples(self_pairs)})")
-    twice = sorted(k for k, n in Counter(tuple(sorted(p)) for p in pairs).items() if n > 1)
-    if twice:  # its impostor pairs would count twice in the metrics
-        raise DataError(f"{pairs_path}: twin pairs listed more than once ({_examples(twice)}); list each once")
-    few = sorted(k for k, v in info.items() if len(v) < 2)
-    if few:
-        raise DataError(f"{info_path}: people with fewer than 2 images ({_examples(few)})")
-    paired = {i for p in pairs for i in p}
-    lonely = sorted(set(info) - paired)
-    if lonely:
-        raise DataError(f"{info_path}: people without a twin in {pairs_path.name} ({_examples(lonely)}); "
-                        "twins-only verification needs every person's twin")
+    _refuse({i for p in pairs for i in p if i not in info}, f"{pairs_path}: twin pairs name ids missing from "
+            f"{info_path.name}")
+    _refuse([tuple(p) for p in pairs if p[0] == p[1]], f"{pairs_path}: pairs of a person with themself")
+    _refuse([k for k, n in Counter(tuple(sorted(p)) for p in pairs).items() if n > 1],  # its impostors would count twice
+            f"{pairs_path}: twin pairs listed more than once", "list each once")
+    _refuse([k for k, v in info.items() if len(v) < 2], f"{info_path}: people with fewer than 2 images")
+    _refuse(set(info) - {i for p in pairs for i in p}, f"{info_path}: people without a twin in {pairs_path.name}",
+            "twins-only verification needs every person's twin")
     return info, [tuple(p) for p in pairs]
 
 
@@ -159,14 +145,11 @@ class Split:
 def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> dict[str, Split]:
     """Parse and validate both splits and find every image on disk; raise DataError on any problem."""
     json_dir = Path(json_dir)
-    raw = {s: read_split(json_dir, s) for s in SPLITS}
-    both = sorted(set(raw["train"][0]) & set(raw["test"][0]))
-    if both:
-        raise DataError(f"{json_dir}: ids in both train and test ({_examples(both)}); splits must be disjoint")
+    raw = {s: read_split(json_dir, s) for s in ("train", "test")}
+    _refuse(set(raw["train"][0]) & set(raw["test"][0]), f"{json_dir}: ids in both train and test",
+            "splits must be disjoint")
     all_paths = [p for info, _ in raw.values() for ps in info.values() for p in ps]
-    dup = sorted(p for p, n in Counter(all_paths).items() if n > 1)
-    if dup:
-        raise DataError(f"{json_dir}: image paths listed more than once ({_examples(dup)})")
+    _refuse([p for p, n in Counter(all_paths).items() if n > 1], f"{json_dir}: image paths listed more than once")
     root = Path(data_root) if data_root is not None else None
     if root is not None and not root.is_dir():
         raise DataError(f"--data-root {root}: no such folder")
@@ -180,9 +163,8 @@ def load_dataset(json_dir: str | Path, data_root: str | Path | None = None) -> d
     same_file = {}
     for p, r in resolved.items():
         same_file.setdefault(r.resolve(), []).append(p)
-    shared = [f"{' and '.join(ps)} -> {f}" for f, ps in same_file.items() if len(ps) > 1]
-    if shared:  # one photo would belong to two people, or count twice for one
-        raise DataError(f"{json_dir}: different entries that are the same image file ({_examples(shared, 3)})")
+    _refuse([f"{' and '.join(ps)} -> {f}" for f, ps in same_file.items() if len(ps) > 1],  # one photo, two people
+            f"{json_dir}: different entries that are the same image file")
     splits = {}
     for name, (info, pairs) in raw.items():
         ids = sorted(info)
@@ -216,15 +198,10 @@ class TwinData:
     caches: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def decode(self, size: int) -> None:
-        """Decode every image of every split once into the RAM caches (all failures reported together)."""
-        failed = []
-        for name in ("train", "valid", "test"):
-            try:
-                self.caches[name] = build_cache(getattr(self, name).paths, size, f"{name} images")
-            except DataError as e:
-                failed.append(str(e))
-        if failed:
-            raise DataError("; ".join(failed))
+        """Decode every image of every split once into the RAM caches (one tensor: every failure in one message)."""
+        splits = (self.train, self.valid, self.test)
+        cache = load_faces([p for s in splits for p in s.paths], size)
+        self.caches = dict(zip(("train", "valid", "test"), cache.split([len(s.paths) for s in splits])))
 
 
 def prepare_data(s: Settings) -> TwinData:
@@ -259,53 +236,27 @@ def load_face(src: str | Path | Image.Image, size: int) -> np.ndarray:
     return np.asarray(to_rgb(im).resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
 
 
-def why_unreadable(e: Exception, source) -> str:
-    """What is wrong with an image `source` (path or PIL image), in a few words, from the exception
-    that decoding it raised."""
-    if isinstance(e, IsADirectoryError):
-        return "a folder, not an image"
-    if isinstance(e, FileNotFoundError):
-        return "not found"
-    if isinstance(e, PermissionError):
-        return "no permission to read it"
-    if isinstance(e, UnidentifiedImageError):
-        empty = isinstance(source, (str, Path)) and Path(source).stat().st_size == 0
-        return "empty file" if empty else "not an image"
-    text = str(e)
-    if "truncated" in text.lower():
-        return "truncated (an incomplete download or copy?)"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+def load_faces(sources: list, size: int, desc: str = "images") -> torch.Tensor:
+    """Every source (path or PIL image) decoded once into a uint8 (n, 3, size, size) tensor: the RAM
+    cache, so that epochs do no JPEG work. Filled in place (no second copy), in threads; all failures
+    are collected and raised together as one DataError naming each file and what is wrong with it."""
+    out = torch.empty((len(sources), 3, size, size), dtype=torch.uint8)
+    if len(sources) > 2:
+        print(f"Caching {len(sources)} {desc} at {size}x{size}: {out.numel() / 2**30:.2f} GiB in RAM", flush=True)
 
-
-def decode_into(out: torch.Tensor, sources: list, size: int, desc: str) -> None:
-    """Decode every source (path or PIL image) into `out[i]` in place, in threads; all failures are
-    collected and raised together as one DataError naming each file and what is wrong with it."""
     def one(i):
         try:
             out[i].numpy()[...] = load_face(sources[i], size)
-        except Exception as e:  # any decoding failure is the file's, reported with the others
-            return f"{sources[i]} ({why_unreadable(e, sources[i])})"
+        except UnidentifiedImageError:
+            return f"{sources[i]} (not an image, or an empty file)"
+        except Exception as e:  # any decoding failure is the file's (a folder, ...), reported with the others
+            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            return f"{sources[i]} ({'truncated: an incomplete copy?' if 'truncated' in why.lower() else why})"
     failed = [f for f in parallel(one, range(len(sources)), n_workers=min(8, os.cpu_count() or 1), threadpool=True,
                                   progress=sys.stdout.isatty() and len(sources) > 2) if f]  # a log gets no bar
     if failed:
         raise DataError(f"{len(failed)} of {len(sources)} {desc} cannot be decoded ({_examples(failed, 10)})")
-
-
-def load_faces(sources: list, size: int) -> torch.Tensor:
-    """A few images (paths or PIL images) as a uint8 (n, 3, size, size) tensor, like the cache."""
-    out = torch.empty((len(sources), 3, size, size), dtype=torch.uint8)
-    decode_into(out, sources, size, "images")
     return out
-
-
-def build_cache(paths: list[Path], size: int, desc: str = "images") -> torch.Tensor:
-    """Decode every image once into a uint8 (n, 3, size, size) tensor in RAM, so epochs do no JPEG
-    work; filled in place (no second copy), every failure reported at once."""
-    n_bytes = len(paths) * 3 * size * size
-    print(f"Caching {len(paths)} {desc} at {size}x{size}: {n_bytes / 2**30:.2f} GiB in RAM", flush=True)
-    cache = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    decode_into(cache, paths, size, desc)
-    return cache
 
 
 def sample_pairs(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -319,8 +270,7 @@ def sample_pairs(split: Split, rng: np.random.Generator) -> tuple[np.ndarray, np
     for i in range(n):
         p = split.person[i]
         if same[i]:
-            others = images[p][images[p] != i]
-            partner[i] = rng.choice(others)
+            partner[i] = rng.choice(images[p][images[p] != i])
         else:
             partner[i] = rng.choice(images[rng.choice(split.siblings[p])])
     return partner, same
@@ -334,15 +284,6 @@ class TwinPairs:
         self.split, self.cache, self.seed, self.fixed = split, cache, seed, fixed
         self.label = torch.tensor([classes.get(split.ids[p], -1) for p in split.person])
         self.resample(0)
-
-    @classmethod
-    def empty(cls, size: int) -> "TwinPairs":
-        """No people, no images: what an exported learner keeps of the data (the transforms stay)."""
-        return cls(Split([], [], np.zeros(0, dtype=np.int64), []), torch.zeros(0, 3, size, size, dtype=torch.uint8),
-                   {}, seed=0, fixed=True)
-
-    def new_empty(self) -> "TwinPairs":  # what fastai's `learn.export()` calls
-        return TwinPairs.empty(self.cache.shape[-1])
 
     def resample(self, epoch: int):
         if self.fixed and hasattr(self, "partner"):
@@ -359,13 +300,11 @@ class TwinPairs:
 
 
 def shard(order: list[int], share: int, rank: int, world: int, drop_last: bool) -> list[int]:
-    """The part of an epoch's anchor `order` that process `rank` of `world` takes: of each step of
-    `world * share` anchors (`order[k*world*share : (k+1)*world*share]`), the r-th slice of `share`. A
-    step thus sees the anchors one process would see with `world * share` pairs, and gathering across
-    processes (in process order) gives back `order`'s sequence. With `drop_last` (training) the
-    incomplete last step is dropped, so no step straddles two epochs; without (validation), it is split
-    in `world` equal slices, the last padded with repeats of its final anchor: the padding comes after
-    every real anchor once gathered."""
+    """The part of an epoch's anchor `order` that process `rank` of `world` takes: of each step of `world *
+    share` anchors, the rank-th slice of `share`, so a step sees the anchors one process would, and
+    gathering in process order gives back `order`. With `drop_last` (training) the incomplete last step
+    is dropped (no step straddles two epochs); without (validation) it is split in `world` equal slices,
+    padded with repeats of its final anchor: once gathered, the padding comes after every real anchor."""
     step = world * share
     full = len(order) // step * step
     mine = [i for k in range(0, full, step) for i in order[k + rank * share:k + (rank + 1) * share]]

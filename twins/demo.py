@@ -1,10 +1,10 @@
 """The embedded demo set: generated twin faces in exactly the user's ND-TWIN JSON layout.
 
 Twins share every face parameter (shape, skin, eyes, brows, nose, mouth, hair, background) and differ
-only in small skin marks (each sibling has a few of a kind no sibling has, at their own places) and
-the slant of one eyebrow. Each photo varies pose,
-expression, light, blur and JPEG quality. The JSON files hold absolute paths under a prefix that is
-not where the images are, so every demo run exercises `--data-root` resolution like the real data.
+only in small skin marks (each sibling has a few of a kind no sibling has, at their own places) and the
+slant of one eyebrow. Each photo varies pose, expression, light, blur and JPEG quality. The JSON files
+hold absolute paths under a prefix that is not where the images are, so every demo run exercises
+`--data-root` resolution like the real data.
 """
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ FOREIGN_PREFIX = "/home/demo-user/Work/Dataset/ND_TWIN_demo"  # paths "from the 
 CANVAS = 256  # faces are drawn at this size, then reduced to the photo size: anti-aliased edges
 MARK_RADIUS = 0.045  # of the image width: about 6 px at the demo recipe's 64 px
 MARKS_PER_PERSON = 4  # all of the person's own kind
+MARK_TYPES = ("mole", "freckles", "scar", "birthmark")
+
+
+def rgb(v) -> tuple:
+    return tuple(int(x) for x in v)
 
 
 def _family(rng: np.random.Generator) -> dict:
@@ -31,66 +36,57 @@ def _family(rng: np.random.Generator) -> dict:
     )
 
 
-MARK_TYPES = ("mole", "freckles", "scar", "birthmark")
-
-
 def _person_marks(rng: np.random.Generator, taken: list[int]) -> dict:
     """What tells a twin apart: a few small skin marks of a kind no sibling has (moles, freckles,
     scars or pale birthmarks), at person-specific places, and one eyebrow's slant."""
     kind = int(rng.choice([k for k in range(len(MARK_TYPES)) if k not in taken]))
     taken.append(kind)
-    angle = rng.uniform(0, 2 * math.pi, MARKS_PER_PERSON)
-    radius = rng.uniform(0.12, 0.26, MARKS_PER_PERSON)
+    angle, radius = rng.uniform(0, 2 * math.pi, MARKS_PER_PERSON), rng.uniform(0.12, 0.26, MARKS_PER_PERSON)
     places = np.stack([0.5 + radius * np.cos(angle), 0.58 + 1.1 * radius * np.sin(angle)], 1)
     return dict(marks=[(MARK_TYPES[kind], p) for p in places], brow_tilt=rng.uniform(-0.03, 0.03))
 
 
 def _draw_mark(d: ImageDraw.ImageDraw, kind: str, x: float, y: float, skin: np.ndarray):
-    c, r = CANVAS, MARK_RADIUS * CANVAS
-    x, y = x * c, y * c
+    r, x, y = MARK_RADIUS * CANVAS, x * CANVAS, y * CANVAS
     if kind == "mole":
         d.ellipse([x - r, y - r, x + r, y + r], fill=(70, 40, 30))
     elif kind == "freckles":
         for dx, dy in ((-1.2, -0.6), (1.0, -0.9), (0.1, 1.1)):
-            d.ellipse([x + dx * r - 0.45 * r, y + dy * r - 0.45 * r, x + dx * r + 0.45 * r, y + dy * r + 0.45 * r],
+            d.ellipse([x + (dx - 0.45) * r, y + (dy - 0.45) * r, x + (dx + 0.45) * r, y + (dy + 0.45) * r],
                       fill=(150, 90, 50))
     elif kind == "scar":
         d.line([x - 1.6 * r, y + 0.8 * r, x + 1.6 * r, y - 0.8 * r], fill=(200, 90, 100), width=max(1, int(0.6 * r)))
     else:  # birthmark: a pale patch
-        d.ellipse([x - 1.4 * r, y - 0.8 * r, x + 1.4 * r, y + 0.8 * r],
-                  fill=tuple(int(v) for v in np.minimum(255, skin * 0.5 + 128)))
+        d.ellipse([x - 1.4 * r, y - 0.8 * r, x + 1.4 * r, y + 0.8 * r], fill=rgb(np.minimum(255, skin * 0.5 + 128)))
 
 
 def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> Image.Image:
     """One photo of a person: the face, then a random pose, expression, light, blur."""
     c = CANVAS
-    img = Image.new("RGB", (c, c), tuple(int(v) for v in fam["bg"] + rng.normal(0, 8, 3)))
+    img = Image.new("RGB", (c, c), rgb(fam["bg"] + rng.normal(0, 8, 3)))
     d = ImageDraw.Draw(img)
     def px(x, y): return (x * c, y * c)
     fw, fh = fam["face_w"] / 2, fam["face_h"] / 2
-    d.ellipse([*px(0.5 - fw - 0.02, 0.5 - fh - fam["hair_h"]), *px(0.5 + fw + 0.02, 0.55)],
-              fill=tuple(int(v) for v in fam["hair"]))
-    d.ellipse([*px(0.5 - fw, 0.52 - fh), *px(0.5 + fw, 0.52 + fh)], fill=tuple(int(v) for v in fam["skin"]))
+    d.ellipse([*px(0.5 - fw - 0.02, 0.5 - fh - fam["hair_h"]), *px(0.5 + fw + 0.02, 0.55)], fill=rgb(fam["hair"]))
+    d.ellipse([*px(0.5 - fw, 0.52 - fh), *px(0.5 + fw, 0.52 + fh)], fill=rgb(fam["skin"]))
     ey, dx, er = fam["eye_y"], fam["eye_dx"], fam["eye_r"]
     for side in (-1, 1):
         cx = 0.5 + side * dx
         d.ellipse([*px(cx - 1.8 * er, ey - er), *px(cx + 1.8 * er, ey + er)], fill=(245, 245, 245))
         look = rng.uniform(-0.4, 0.4) * er
         d.ellipse([*px(cx + look - er * 0.8, ey - er * 0.8), *px(cx + look + er * 0.8, ey + er * 0.8)],
-                  fill=tuple(int(v) for v in fam["iris"]))
+                  fill=rgb(fam["iris"]))
         tilt = marks["brow_tilt"] if side == 1 else 0.0
         d.line([px(cx - 2.2 * er, ey - 2.2 * er + tilt), px(cx + 2.2 * er, ey - 2.2 * er - tilt)],
-               fill=tuple(int(v * 0.6) for v in fam["hair"]), width=max(1, int(fam["brow_w"] * c)))
+               fill=rgb(fam["hair"] * 0.6), width=max(1, int(fam["brow_w"] * c)))
     d.line([px(0.5, ey + 0.02), px(0.49, ey + fam["nose_len"]), px(0.52, ey + fam["nose_len"])],
-           fill=tuple(int(v * 0.75) for v in fam["skin"]), width=3)
-    smile = rng.uniform(-0.02, 0.04)  # expression
-    mw, my = fam["mouth_w"] / 2, fam["mouth_y"]
-    d.line([px(0.5 - mw, my - smile), px(0.5, my + smile * 0.5), px(0.5 + mw, my - smile)],
-           fill=(150, 60, 60), width=4)
+           fill=rgb(fam["skin"] * 0.75), width=3)
+    smile, mw, my = rng.uniform(-0.02, 0.04), fam["mouth_w"] / 2, fam["mouth_y"]  # expression
+    d.line([px(0.5 - mw, my - smile), px(0.5, my + smile * 0.5), px(0.5 + mw, my - smile)], fill=(150, 60, 60), width=4)
     for kind, (mx, my_) in marks["marks"]:
         _draw_mark(d, kind, mx, my_, fam["skin"])
     angle, shift = rng.uniform(-7, 7), rng.uniform(-0.03, 0.03, 2) * c
-    img = img.rotate(angle, resample=Image.BICUBIC, translate=tuple(shift), fillcolor=tuple(int(v) for v in fam["bg"]))
+    img = img.rotate(angle, resample=Image.BICUBIC, translate=tuple(shift), fillcolor=rgb(fam["bg"]))
     zoom = rng.uniform(0.0, 0.06) * c
     img = img.crop((zoom, zoom, c - zoom, c - zoom)).resize((size, size), Image.BICUBIC)
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.2))
@@ -99,13 +95,13 @@ def draw_face(fam: dict, marks: dict, rng: np.random.Generator, size: int) -> Im
 
 
 def _ids(n_families: int, first: int, triplet: bool) -> list[list[str]]:
-    """Family id lists like ND-TWIN's: mostly consecutive twins, one gap, optionally one triplet."""
-    fams, nxt = [], first
+    """Family id lists like ND-TWIN's: mostly consecutive twins, one gap (twins need not be consecutive
+    numbers: 90056/90059 in the real data), optionally one triplet."""
+    fams = []
     for f in range(n_families):
-        k = 3 if (triplet and f == 1) else 2
-        gap = 2 if f == 2 else 0  # twins need not be consecutive numbers (90056/90059 in the real data)
-        fams.append([str(nxt + i * (1 + gap)) for i in range(k)])
-        nxt += k * (1 + gap) + 1
+        k, step = (3 if triplet and f == 1 else 2), (3 if f == 2 else 1)
+        fams.append([str(first + i * step) for i in range(k)])
+        first += k * step + 1
     return fams
 
 
@@ -126,13 +122,12 @@ def make_demo(out: str | Path, n_train_families: int = 60, n_test_families: int 
             fam, taken = _family(rng), []
             for pid in fam_ids:
                 marks = _person_marks(rng, taken)
-                folder = out / "images" / pid
-                folder.mkdir(parents=True, exist_ok=True)
+                (out / "images" / pid).mkdir(parents=True, exist_ok=True)
                 info[pid] = []
                 for k in range(int(rng.integers(images_per_person[0], images_per_person[1] + 1))):
-                    name = f"{pid}d{13 + 2 * k}.jpg"
-                    draw_face(fam, marks, rng, size).save(folder / name, quality=int(rng.integers(85, 96)))
-                    info[pid].append(f"{FOREIGN_PREFIX}/{pid}/{name}")
+                    draw_face(fam, marks, rng, size).save(out / "images" / pid / f"{pid}d{13 + 2 * k}.jpg",
+                                                         quality=int(rng.integers(85, 96)))
+                    info[pid].append(f"{FOREIGN_PREFIX}/{pid}/{pid}d{13 + 2 * k}.jpg")
             pairs += [[a, b] for i, a in enumerate(fam_ids) for b in fam_ids[i + 1:]]
             first = int(fam_ids[-1]) + 1
         first += 1000

@@ -70,11 +70,10 @@ def bare(model: nn.Module) -> nn.Module:
 
 
 def launch(n: int, argv: list[str]) -> int:
-    """`python argv...` in `n` processes, one per GPU, started by torch's elastic launcher (what `torchrun`
-    and `accelerate launch` run: each process gets its rank and the rendezvous in its environment; a
-    stray process is stopped when another fails, and a signal to this one reaches them all). Returns
-    the exit status: the main process's, which reports every stop (all processes agree on them; the
-    others then end with 0), else the failed process's."""
+    """`python argv...` in `n` processes, one per GPU, by torch's elastic launcher (what `torchrun` runs:
+    a stray process is stopped when another fails, a signal to this one reaches them all). Returns the
+    main process's exit status, which reports every stop (the others then end with 0), else the failed
+    process's."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -97,13 +96,10 @@ def launch(n: int, argv: list[str]) -> int:
 
 
 class Distributed(DistributedTrainer):
-    """fastai's DistributedTrainer (accelerate wraps the model in DDP; the backward pass is fastai's
-    own `Learner._backward`, the callback's `_backward` is no event), with the loaders left as they
-    are: `PairDL` shards itself. fastai's `DistributedDL` (fastai 2.8)
-    cannot be used: its `_broadcast` sends the batch order as a `.cuda()` tensor (so no gloo process
-    group on the CPU, where the tests run), and it gives each process a contiguous block of the data,
-    so batches gathered for the validation metrics interleave the processes instead of following
-    image order."""
+    """fastai's DistributedTrainer (accelerate wraps the model in DDP) with the loaders left as they are:
+    `PairDL` shards itself. fastai 2.8's `DistributedDL` cannot be used: it sends the batch order as a
+    `.cuda()` tensor (no gloo group on the CPU, where the tests run), and gives each process a contiguous
+    block, so batches gathered for the validation metrics would not follow image order."""
 
     def __init__(self):
         super().__init__(sync_bn=False, cpu=not torch.cuda.is_available())  # a ViT has no batch norm

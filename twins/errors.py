@@ -14,7 +14,7 @@ class DataError(TwinsError):
 
 
 class CheckpointError(TwinsError):
-    """A checkpoint or exported learner that is missing, unreadable, foreign, or does not fit the run."""
+    """A checkpoint that is missing, unreadable, foreign, or does not fit the run; an --out that cannot be written."""
     label = "Checkpoint error"
 
 

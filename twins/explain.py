@@ -1,12 +1,10 @@
 """What tells two faces apart, or makes them alike: occlusion maps of the pair score.
 
-For a pair (A, B) each window of A's patch tokens is left out in turn (dropped from the token
-sequence, so the ViT never sees a replacement value it was not trained on), A is embedded again, and
-the change of the pair score (the cosine of the verification embeddings, what `verify` thresholds)
-is the window's value; the same for B against A. Positive: without that region the faces score more
-alike, so it is what made them look different (the dissimilarity map). Negative: it made them look
-alike (the similarity map). Occlusion maps of the verification score follow Knoche et al. (WACV
-workshops 2023); dropping tokens instead of painting patches is the ViT's natural occlusion.
+For a pair (A, B) each window of A's patch tokens is left out in turn (dropped from the sequence: the
+ViT's natural occlusion, no replacement value it never saw), A is embedded again, and the change of
+the pair score (what `verify` thresholds) is the window's value; the same for B against A. Positive:
+it made them look different (dissimilarity); negative: alike (similarity). Occlusion maps of the
+verification score follow Knoche et al. (WACV workshops 2023).
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import torch
 from fastprogress.fastprogress import progress_bar
 
 from .metrics import protocol_scores
-from .model import DCAL, as_input, encode_all, mixed_precision
+from .model import DCAL, as_input, embed_images, encode_all, mixed_precision
 from .viz import maps_of, plot_summary
 
 if TYPE_CHECKING:  # a type only: the maps need no data module (callbacks -> explain stays shallow)
@@ -128,16 +126,14 @@ KINDS = {  # kind: (the pairs, the side of their maps that explains the verdict,
 }
 
 
-def pair_kinds(scores: np.ndarray, genuine: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Which of a split's pairs are of each kind (boolean masks over its pair list)."""
-    return {"differ": ~genuine & (scores < threshold), "fooled": ~genuine & (scores >= threshold),
-            "same": genuine & (scores >= threshold)}
-
-
-def summary_pairs(kinds: dict[str, np.ndarray], n: int, seed: int) -> dict[str, np.ndarray]:
-    """Up to `n` pairs of each kind (indices into the pair list, sorted), a reproducible sample."""
+def summary_pairs(scores: np.ndarray, genuine: np.ndarray, threshold: float, n: int,
+                  seed: int) -> dict[str, tuple[np.ndarray, int]]:
+    """For each kind, up to `n` of its pairs (indices into the pair list, sorted: a reproducible
+    sample) and how many pairs of that kind the split has."""
     rng = np.random.default_rng(seed)
-    return {k: np.sort(rng.permutation(np.flatnonzero(m))[:n]) for k, m in kinds.items()}
+    kinds = {"differ": ~genuine & (scores < threshold), "fooled": ~genuine & (scores >= threshold),
+             "same": genuine & (scores >= threshold)}
+    return {k: (np.sort(rng.permutation(np.flatnonzero(m))[:n]), int(m.sum())) for k, m in kinds.items()}
 
 
 def pair_share(delta_a: torch.Tensor, delta_b: torch.Tensor, sign: float) -> torch.Tensor | None:
@@ -149,72 +145,35 @@ def pair_share(delta_a: torch.Tensor, delta_b: torch.Tensor, sign: float) -> tor
     return part / total if total > 0 else None
 
 
-def summary_maps(model: DCAL, cache: torch.Tensor, emb: torch.Tensor, pairs: np.ndarray, picks: dict,
-                 chunk: int = 8) -> dict:
-    """For each kind, the mean of its pairs' `pair_share`: {kind: (mean map or None, pairs counted)}.
-    Pairs go through `occlusion_maps` `chunk` at a time, their faces batched together."""
-    dev = next(model.parameters()).device
-    todo = [(kind, k) for kind, idx in picks.items() for k in idx]
-    sums, counts = {}, dict.fromkeys(picks, 0)
-    steps = range(0, len(todo), chunk)
-    for start in (progress_bar(steps, leave=False) if sys.stdout.isatty() and len(steps) > 1 else steps):
-        part = todo[start:start + chunk]
-        a, b = (np.array([pairs[k][j] for _, k in part]) for j in (0, 1))
-        faces = as_input(model, cache[np.concatenate([a, b])])
-        with mixed_precision(dev):
-            maps = occlusion_maps(model, faces, emb[np.concatenate([b, a])])
-        for row, (kind, _) in enumerate(part):
-            share = pair_share(maps[row], maps[len(part) + row], KINDS[kind][1])
-            if share is not None:
-                sums[kind] = sums.get(kind, 0) + share
-                counts[kind] += 1
-    return {kind: (sums[kind] / counts[kind] if counts[kind] else None, counts[kind]) for kind in picks}
-
-
-def window_words(model: DCAL, mean: torch.Tensor, top: int = 3) -> list[dict]:
-    """The `top` windows of a mean map by their place on the face grid: rows and columns as fractions
-    of the face from its top left, and the map's share there against a uniform map's."""
-    gh, gw = model.vit.patch_embed.grid_size
-    w, uniform = window_size(model), 1 / mean.numel()
-    found = []
-    for i in mean.flatten().argsort(descending=True)[:top].tolist():
-        r, c = divmod(i, mean.shape[1])
-        rows, cols = (r * w / gh, min(r * w + w, gh) / gh), (c * w / gw, min(c * w + w, gw) / gw)
-        share = float(mean.flatten()[i])
-        found.append({"rows": rows, "columns": cols, "share": share,
-                      "words": f"rows {rows[0]:.0%}-{rows[1]:.0%}, columns {cols[0]:.0%}-{cols[1]:.0%} of the face: "
-                               f"{share:.1%} of the map (uniform {uniform:.1%})"})
-    return found
+def summary_map(model: DCAL, cache: torch.Tensor, pairs: np.ndarray, sign: float) -> tuple[torch.Tensor | None, int]:
+    """The mean `pair_share` of image `pairs` (their `pair_maps`, as `explain()` draws them), and how
+    many pairs it counts."""
+    shown = progress_bar(pairs, leave=False) if sys.stdout.isatty() and len(pairs) > 1 else pairs
+    shares = [pair_share(*pair_maps(model, cache[list(p)])[1:], sign) for p in shown]
+    shares = [x for x in shares if x is not None]
+    return (torch.stack(shares).mean(0) if shares else None), len(shares)
 
 
 def write_summary(model: DCAL, split: Split, cache: torch.Tensor, threshold: float, n: int, seed: int,
                   stem: Path, name: str) -> dict:
-    """The pair-map summary of the split called `name`, up to `n` pairs of each kind: `stem.png` (three panels over the
-    mean faces) and `stem.json` (the numbers, the top windows in words); returns what the JSON holds."""
+    """The pair-map summary of the split called `name`, up to `n` pairs of each kind: `stem.png` (three
+    panels over the mean faces) and `stem.json` (the numbers and maps); returns what the JSON holds."""
     t = time.time()
-    emb = model.embedding(encode_all(model, cache))
-    scores, genuine, pairs = protocol_scores(emb, split.person, split.twin_pairs)
-    kinds = pair_kinds(scores, genuine, threshold)
-    picks = summary_pairs(kinds, n, seed)
-    means = summary_maps(model, cache, emb, pairs, picks)
-    seconds = time.time() - t
-    report = {"split": name, "threshold": threshold, "pairs_per_kind": n, "seconds": seconds, "kinds": {}}
+    scores, genuine, pairs = protocol_scores(embed_images(model, cache), split.person, split.twin_pairs)
+    report = {"split": name, "threshold": threshold, "pairs_per_kind": n, "kinds": {}}
     panels = []
-    for kind, (what, sign, meaning) in KINDS.items():
-        mean, used = means[kind]
-        faces = cache[np.unique(pairs[picks[kind]])] if len(picks[kind]) else cache[:0]
+    for kind, (picked, in_split) in summary_pairs(scores, genuine, threshold, n, seed).items():
+        what, sign, meaning = KINDS[kind]
+        mean, used = summary_map(model, cache, pairs[picked], sign)
+        faces = cache[np.unique(pairs[picked])]
         face = faces.float().mean(0).permute(1, 2, 0).numpy() / 255 if len(faces) else np.full((*cache.shape[2:], 3), 0.5)
-        panels.append({"face": face, "map": mean, "sign": sign,
-                       "title": f"{what}: {used} of {int(kinds[kind].sum())}\n{meaning}"})
-        report["kinds"][kind] = {"pairs": what, "meaning": meaning, "in_split": int(kinds[kind].sum()),
-                                 "sampled": int(picks[kind].size), "counted": used,
-                                 "map": None if mean is None else mean.tolist(),
-                                 "top": [] if mean is None else window_words(model, mean)}
-    plot_summary(panels, stem.with_suffix(".png"), f"{name} pairs: occlusion maps of the pair score, averaged (threshold {threshold:.3f})")
+        panels.append({"face": face, "map": mean, "sign": sign, "title": f"{what}: {used} of {in_split}\n{meaning}"})
+        report["kinds"][kind] = {"pairs": what, "meaning": meaning, "in_split": in_split, "sampled": len(picked),
+                                 "counted": used, "map": None if mean is None else mean.tolist()}
+        print(f"{what}: {used} of {in_split} averaged, {meaning}")
+    report["seconds"] = time.time() - t
+    plot_summary(panels, stem.with_suffix(".png"), f"{name} pairs: occlusion maps of the pair score, averaged "
+                 f"(threshold {threshold:.3f})")
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    for kind in report["kinds"].values():
-        print(f"{kind['pairs']}: {kind['counted']} of {kind['in_split']} averaged, {kind['meaning']}:"
-              + "".join(f"\n  {t['words']}" for t in kind["top"]))
-    n = sum(k["sampled"] for k in report["kinds"].values())
-    print(f"Pair-map summary of the {name} pairs: {stem}.png and .json, {n} pairs in {seconds:.1f} s")
+    print(f"Pair-map summary of the {name} pairs: {stem}.png and .json in {report['seconds']:.1f} s")
     return report

@@ -1,11 +1,22 @@
 """Twins-only verification metrics: genuine pairs (two images of one person) against twin-impostor
-pairs (a person and their own twin); other impostors are never counted."""
+pairs (a person and their own twin); other impostors are never counted. The validation metric and the
+test report."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from fastai.learner import Metric
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from .model import DCAL, embed_images
+from .viz import plot_roc
+
+if TYPE_CHECKING:
+    from .data import TwinData
 
 FARS = (0.01, 0.001)
 
@@ -62,12 +73,10 @@ def verification_report(scores: np.ndarray, genuine: np.ndarray, threshold: floa
 
 
 class TwinsMetric(Metric):
-    """One figure of the twins-only protocol on the validation set, for fastai's table and W&B; the
-    whole report is kept as `learn.valid_report` (its EER threshold goes into the epoch's checkpoint).
-    The validation loader yields every validation image once as an anchor, in image order, so the
-    anchors' embeddings are the embeddings of all validation images. With several processes each
-    batch is gathered across them, which restores image order, and the padding of the last batch
-    comes after the last image (`data.shard`): cut off here."""
+    """One figure of the twins-only protocol on the validation set, for fastai's table and W&B; the whole
+    report is kept as `learn.valid_report` (its EER threshold goes into the epoch's checkpoint). The
+    validation loader yields every validation image once as an anchor, in image order; with several
+    processes each batch is gathered, which keeps that order, and the last batch's padding is cut off."""
 
     def __init__(self, key: str, person: np.ndarray, twin_pairs: list[tuple[int, int]]):
         self.key, self.person, self.twin_pairs = key, person, twin_pairs
@@ -91,3 +100,19 @@ class TwinsMetric(Metric):
             return None
         self.learn.valid_report = verification_report(*protocol_scores(emb[:n], self.person, self.twin_pairs)[:2])
         return self.learn.valid_report[self.key]
+
+
+def evaluate(model: DCAL, data: TwinData, out: Path, valid: dict) -> dict:
+    """Test on the twins-only protocol, at the threshold the last validation chose (`valid`: its report;
+    the EER threshold of the validation twins, never the test's). Writes `test_report.json` and
+    `roc.png` to `out`; returns the report."""
+    scores, genuine, _ = protocol_scores(embed_images(model, data.caches["test"]), data.test.person,
+                                         data.test.twin_pairs)
+    test = verification_report(scores, genuine, valid["eer_threshold"])
+    test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
+    report = {"test": test, "valid": valid}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "test_report.json").write_text(json.dumps(report, indent=2))
+    far, tar, _ = roc_curve(genuine, scores)
+    plot_roc(far, tar, test, out / "roc.png")
+    return report

@@ -13,18 +13,16 @@
 The model takes images in [0, 1] and normalises them with its backbone's own mean and std (the one
 place that does: loaders, inference and the pair maps all feed it [0, 1] images).
 All attention for forward and backward runs through the fused `scaled_dot_product_attention`
-kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path). With
-`grad_ckpt`, each block's activations are recomputed in the backward pass instead of kept.
+kernel (unless a block's `attn.fused_attn` is False: the explicit-softmax reference path).
 """
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Attention  # also where timm < 1.0.19 defines it
 from torch import nn
 
@@ -35,11 +33,6 @@ def split_heads(attn: Attention, x: torch.Tensor, weight: torch.Tensor, bias: to
     """Project `x` (B, N, C) with a slice of the qkv weights and split heads -> (B, H, N, d)."""
     B, N, _ = x.shape
     return F.linear(x, weight, bias).reshape(B, N, -1, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-
-
-def attn_dim(attn: Attention) -> int:
-    """Width of q (and of k, of v) over all heads (timm >= 1.0.23 stores it as `attn.attn_dim`)."""
-    return attn.num_heads * attn.head_dim
 
 
 def qkv_heads(attn: Attention, x: torch.Tensor):
@@ -68,12 +61,6 @@ def block_tail(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch
     """The residual, MLP and residual of a pre-norm timm Block, after its attention."""
     x = x + blk.drop_path1(blk.ls1(attn_out))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-
-
-@torch.no_grad()
-def attention_probs(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)), (B, H, N, N), without gradient."""
-    return (q * attn.scale @ k.transpose(-2, -1)).softmax(-1)
 
 
 @torch.no_grad()
@@ -120,7 +107,7 @@ class DCAL(nn.Module):
 
     def __init__(self, arch: str, n_classes: int, img_size: int, pretrained: bool = True, drop_path: float = 0.1,
                  top_r: float = 0.1, glca: bool = True, pwca: bool = True, patch_size: int | None = None,
-                 grad_ckpt: bool = False, weights: str | None = None):
+                 weights: str | None = None):
         super().__init__()
         extra = {} if patch_size is None else {"patch_size": patch_size}
         if pretrained and weights:  # timm's own loading path, from a file instead of the hub
@@ -148,8 +135,7 @@ class DCAL(nn.Module):
                 isinstance(b.attn, Attention) and getattr(b.attn, "gate", None) is None for b in vit.blocks):
             raise TwinsError(f"--arch {arch}: DCAL needs a timm ViT with one class token and plain attention "
                              "blocks (vit_*, deit_*)")
-        self.use_glca, self.use_pwca, self.grad_ckpt = glca, pwca, grad_ckpt
-        self.recomputing = False  # True while checkpoint() reruns a block for its backward pass
+        self.use_glca, self.use_pwca = glca, pwca
         self.n_patches = vit.patch_embed.num_patches
         self.n_select = max(1, min(self.n_patches, round(top_r * self.n_patches)))
         dim = vit.embed_dim
@@ -171,7 +157,7 @@ class DCAL(nn.Module):
         """The model a run's `Settings` describe (`pretrained` overrides theirs)."""
         return cls(s.arch, n_classes, s.size, pretrained=s.pretrained if pretrained is None else pretrained,
                    drop_path=s.drop_path, top_r=s.top_r, glca=s.glca, pwca=s.pwca, patch_size=s.patch_size,
-                   grad_ckpt=s.grad_ckpt, weights=s.weights)
+                   weights=s.weights)
 
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
@@ -191,7 +177,7 @@ class DCAL(nn.Module):
         h = blk.norm1(x)
         h_sel = h.gather(1, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         x_sel = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        C = attn_dim(attn)
+        C = attn.num_heads * attn.head_dim  # the width of q (timm >= 1.0.23 stores it as attn.attn_dim)
         bias = attn.qkv.bias
         q = attn.q_norm(split_heads(attn, h_sel, attn.qkv.weight[:C], None if bias is None else bias[:C])[0])
         k, v = split_heads(attn, h, attn.qkv.weight[C:], None if bias is None else bias[C:]).unbind(0)
@@ -205,8 +191,9 @@ class DCAL(nn.Module):
         h = blk.norm1(x if x_pw is None else torch.cat([x, x_pw]))
         q, k, val = qkv_heads(blk.attn, h)
         probs = S = None
-        if self.use_glca and not getattr(self, "recomputing", False):  # a recompute's maps would be discarded
-            probs = attention_probs(blk.attn, q[:n], k[:n])
+        if self.use_glca:
+            with torch.no_grad():
+                probs = (q[:n] * blk.attn.scale @ k[:n].transpose(-2, -1)).softmax(-1)
             S = probs.mean(1).to(q.dtype)  # kept until the rollout: in the autocast dtype, half of fp32
             # with gradient, the fused kernel recomputes attention (no N x N kept for backward);
             # without, the probabilities just computed give the output at no extra cost
@@ -226,14 +213,9 @@ class DCAL(nn.Module):
         (occlusion maps), the rest keep their position embeddings."""
         x_pw = x if partner is not None else None
         maps, last_in = [], x
-        recompute = getattr(self, "grad_ckpt", False) and torch.is_grad_enabled()  # absent in learners exported before it
         for blk in self.vit.blocks:
             last_in = x
-            if recompute:  # keeps only the block's inputs for backward; the RNG state is replayed (drop-path)
-                x, x_pw, S = checkpoint(self.block, blk, x, x_pw, partner, use_reentrant=False,
-                                        context_fn=lambda: (nullcontext(), self.recompute()))
-            else:
-                x, x_pw, S = self.block(blk, x, x_pw, partner)
+            x, x_pw, S = self.block(blk, x, x_pw, partner)
             if S is not None:
                 maps.append(S)
         out = {"sa": self.vit.norm(x)[:, 0]}
@@ -244,14 +226,6 @@ class DCAL(nn.Module):
             out["rollout"] = row[:, 1:]
             out["glca"], out["selected"] = self.glca_forward(last_in, row)
         return out
-
-    @contextmanager
-    def recompute(self):
-        self.recomputing = True
-        try:
-            yield
-        finally:
-            self.recomputing = False
 
     def embedding(self, out: dict) -> torch.Tensor:
         parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])
@@ -292,40 +266,34 @@ def encode_all(model: DCAL, cache: torch.Tensor, bs: int = 64) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-# One command that puts a CUDA 12.6 build (kernels for sm_50 to sm_90) in place of Kaggle's CUDA 12.8 one.
-# Explicit `+cu126` versions: pip orders X+cu128 above X+cu126 (PEP 440), so a plain or --upgrade
-# install from the cu126 index keeps the installed build. README's P100 cell is this line.
+def embed_images(model: DCAL, cache: torch.Tensor) -> torch.Tensor:
+    """The verification embedding of every cached image, in image order."""
+    return model.embedding(encode_all(model, cache))
+
+
+# A CUDA 12.6 build (kernels for sm_50 to sm_90) in place of Kaggle's CUDA 12.8 one; explicit `+cu126`
+# versions, since pip orders X+cu128 above X+cu126 (PEP 440). README's P100 cell is this line.
 CU126_INSTALL = ("pip install torch==2.10.0+cu126 torchvision==0.25.0+cu126 "
                  "--index-url https://download.pytorch.org/whl/cu126")
-CU126_ARCHS = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")
-
-
-def arch_version(arch: str) -> int:
-    """`sm_86`, `sm_90a`, `compute_120` -> 86, 90, 120."""
-    return int(arch.split("_", 1)[1].rstrip("af"))
 
 
 def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     """Whether a torch build with these `get_arch_list()` entries has kernels for a GPU of this
-    capability: torch's own rule (`torch/cuda/__init__.py`, `_check_cubins`: binary code runs within
-    its major version) and PTX (`compute_XY`), which the driver compiles for any GPU at or above XY."""
+    capability: torch's own rule (`_check_cubins`: binary code `sm_XY` runs within its major version)
+    and PTX (`compute_XY`), which the driver compiles for any GPU at or above XY."""
     cc = 10 * capability[0] + capability[1]
-    return not arch_list or any(
-        arch_version(a) // 10 == capability[0] if a.startswith("sm_") else arch_version(a) <= cc for a in arch_list)
+    versions = [(a.startswith("sm_"), int(a.split("_", 1)[1].rstrip("af"))) for a in arch_list]
+    return not arch_list or any(v // 10 == capability[0] if binary else v <= cc for binary, v in versions)
 
 
 def check_cuda_arch() -> None:
     """Stop early, with what to do, when this torch build has no kernels for the GPU (P100 = sm_60
     on Kaggle's CUDA 12.8 build), rather than at the first kernel."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or runs_on(torch.cuda.get_device_capability(), torch.cuda.get_arch_list()):
         return
-    dev = torch.cuda.current_device()
-    capability, supported = torch.cuda.get_device_capability(dev), torch.cuda.get_arch_list()
-    if runs_on(capability, supported):
-        return
-    name, arch = torch.cuda.get_device_name(dev), "sm_{}{}".format(*capability)
+    capability = torch.cuda.get_device_capability()
     remedy = (f"install a CUDA 12.6 build first (a few minutes, no restart needed):\n  {CU126_INSTALL}\n"
-              "or, on Kaggle, pick GPU T4 x2" if runs_on(capability, list(CU126_ARCHS)) else
-              "install a torch build whose arch list has it: https://pytorch.org/get-started/locally/")
-    raise TwinsError(f"torch {torch.__version__} has no kernels for {name} ({arch}; it has {' '.join(supported)}): "
-                     + remedy)
+              "or, on Kaggle, pick GPU T4 x2" if runs_on(capability, ["sm_50", "sm_60", "sm_70", "sm_80", "sm_90"])
+              else "install a torch build whose arch list has it: https://pytorch.org/get-started/locally/")
+    raise TwinsError(f"torch {torch.__version__} has no kernels for {torch.cuda.get_device_name()} (sm_"
+                     f"{''.join(map(str, capability))}; it has {' '.join(torch.cuda.get_arch_list())}): " + remedy)

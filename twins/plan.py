@@ -56,31 +56,24 @@ def largest_fitting(step: Callable[[int], None], start: int) -> int:
     except RuntimeError as e:
         if "No executable batch size found" not in str(e):
             raise
-        raise TwinsError("not even one training pair fits in this GPU's memory: pass --grad-ckpt, or a smaller "
-                         "--size") from None
-
-
-def micro_batch(share: int, limit: int) -> int:
-    """The largest micro-batch of at most `limit` pairs that divides a process's `share` of a step."""
-    return max(d for d in range(1, min(share, limit) + 1) if share % d == 0)
+        raise TwinsError("not even one training pair fits in this GPU's memory: pass a smaller --size") from None
 
 
 def split(run_id: str, bs: int, processes: int, fits: int) -> Plan:
-    """`bs` pairs per step shared equally by `processes`, each share in equal micro-batches of at most
-    `fits` pairs."""
+    """`bs` pairs per step shared equally by `processes`, each share in equal micro-batches: the largest
+    that divides it and is at most `fits` pairs."""
     if bs % processes:
         fit = [n for n in range(1, min(bs, 8) + 1) if bs % n == 0]
         raise TwinsError(f"{bs} pairs per step cannot be shared equally by {processes} processes: use "
                          f"{' or '.join(map(str, fit))} GPU(s) (CUDA_VISIBLE_DEVICES=0,1,...), or a fresh run with a "
                          f"--bs that {processes} divides")
     share = bs // processes
-    return Plan(run_id, bs, share // micro_batch(share, fits), processes)
+    return Plan(run_id, bs, share // max(d for d in range(1, min(share, fits) + 1) if share % d == 0), processes)
 
 
 def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan | None = None) -> Plan:
-    """The plan of a run: `s.bs` pairs per step shared by the processes that run now, in micro-batches
-    no larger than what fits (measured on CUDA, less MARGIN; a resumed run's own micro-batch at most:
-    the memory known to fit; the whole share on the CPU)."""
+    """`s.bs` pairs per step shared by the processes that run now, in micro-batches no larger than what fits
+    (measured on CUDA, less MARGIN; at most a resumed run's own: known to fit; the whole share on the CPU)."""
     n = world()
     if saved is not None:
         if saved.processes == n:
@@ -102,9 +95,8 @@ def make_plan(s: Settings, model: DCAL, n_classes: int, run_id: str, saved: Plan
 
 
 def training_step(model: DCAL, n_classes: int, size: int, dev: torch.device) -> Callable[[int], None]:
-    """Real training steps of a copy of `model` on random images of the run's size: forward with PWCA
-    and GLCA, the DCAL loss, backward, an AdamW step, fp16 autocast and loss scaling on CUDA. Steps
-    repeat until one has run with AdamW's state in memory: a fresh GradScaler's first steps may
+    """Real training steps (DCAL loss, AdamW, fp16 and loss scaling on CUDA) of a copy of `model` on random
+    images, repeated until one has run with AdamW's state in memory: a fresh GradScaler's first steps may
     overflow and be skipped, and the state is allocated only at the first step taken."""
     net = copy.deepcopy(model).to(dev).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)

@@ -11,7 +11,8 @@ from .errors import CheckpointError
 
 WANDB_ENTITY = "hunchoquavodb-hanoi-university-of-science-and-technology"
 # Kaggle ends a session at 12 h, and a "Save & Run All" version that runs past it keeps no output:
-# stop (with a checkpoint) before an epoch that would end past this, leaving time for the test report.
+# stop (with a checkpoint) before an epoch would end past this from the command's start, leaving time
+# for the cells before it and the test report.
 KAGGLE_TIME_LIMIT_H = 11.5
 
 
@@ -31,7 +32,6 @@ class Settings:
     top_r: float = 0.1
     glca: bool = True
     pwca: bool = True
-    grad_ckpt: bool = False
     epochs: int = 40
     bs: int = 16  # pairs per optimiser step, all processes together: the recipe's, on any machine
     lr: float = 1e-4  # the peak learning rate of that step
@@ -49,12 +49,9 @@ class Settings:
 DEMO_DIR = "demo"
 DEMO = dict(arch="test_vit", size=64, patch_size=8, pretrained=False, epochs=30, lr=2e-3, drop_path=0.0, top_r=0.2,
             data=f"{DEMO_DIR}/data_json", data_root=f"{DEMO_DIR}/images")
-# What makes a checkpoint's weights fit a model.
-MODEL_KEYS = ("arch", "size", "patch_size", "glca", "pwca", "top_r")
-# What a resumed run may change: where data and output are, logging, memory, and a longer schedule.
-# Everything else would make it another run than the one it continues.
-RESUMABLE = ("data", "data_root", "out", "save_every", "map_every", "wandb", "wandb_project", "wandb_entity",
-             "grad_ckpt", "epochs")
+# What a resumed run may change: where data and output are, logging, and a longer schedule. Anything
+# else (the model, the optimisation) would make it another run than the one it continues.
+RESUMABLE = ("data", "data_root", "out", "save_every", "map_every", "wandb", "wandb_project", "wandb_entity", "epochs")
 
 
 def fresh_settings(flags: dict, demo: bool = False) -> Settings:
@@ -63,25 +60,21 @@ def fresh_settings(flags: dict, demo: bool = False) -> Settings:
 
 
 def resumed_settings(saved: Settings, flags: dict, source: str) -> Settings:
-    """The settings of a resumed run: the run's own, with the flags it may take (RESUMABLE). Another
-    changed flag is refused; a longer --epochs is allowed and said out loud (the schedule is re-planned)."""
+    """The settings of a resumed run: the run's own, with the flags it may take (RESUMABLE); a longer
+    --epochs is allowed and said out loud (the schedule is re-planned)."""
     given = {k: v for k, v in flags.items() if v is not None and v != getattr(saved, k)}
-    model = [f"{k}: checkpoint {getattr(saved, k)!r} vs {v!r}" for k, v in given.items() if k in MODEL_KEYS]
-    if model:
-        raise CheckpointError(f"checkpoint {source} does not match this run ({'; '.join(model)})")
     changed = [f"--{k.replace('_', '-')} {v} (the run's: {getattr(saved, k)})" for k, v in given.items()
                if k not in RESUMABLE]
     if changed:
-        raise CheckpointError(f"{source} continues a run whose optimisation these flags would change: "
-                              f"{'; '.join(changed)}. Start a fresh run for that (--fresh --out NEW_FOLDER)")
+        raise CheckpointError(f"{source} continues a run that these flags would change: {'; '.join(changed)}. "
+                              "Start a fresh run for that (--fresh --out NEW_FOLDER)")
     epochs = given.get("epochs")
     if epochs is not None and epochs < saved.epochs:
         raise CheckpointError(f"--epochs {epochs} is shorter than the run's {saved.epochs}: the one-cycle "
                               "schedule of the run would change under it; resume without --epochs")
     if epochs is not None:
-        print(f"--epochs {epochs}: the one-cycle schedule planned over {saved.epochs} epochs is re-planned over "
-              f"{epochs}: from here on the learning rate follows the longer schedule (a jump up at the first "
-              "resumed epoch, then a slower decay), so this is no longer the run it continues")
+        print(f"--epochs {epochs}: the one-cycle schedule of {saved.epochs} epochs is re-planned over {epochs} (the "
+              "learning rate jumps up at the first resumed epoch, then decays more slowly): no longer the run it continues")
     return replace(saved, **given)
 
 
@@ -99,4 +92,3 @@ def ranged(cast: Callable, ok: Callable, what: str) -> Callable:
 
 
 COUNT = ranged(int, lambda v: v >= 1, "a whole number of at least 1")
-SHARE = ranged(float, lambda v: 0 <= v < 1, "a share from 0 to below 1")

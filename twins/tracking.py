@@ -12,11 +12,6 @@ import wandb
 from fastai.callback.wandb import WandbCallback
 
 
-def wandb_run():
-    """The active W&B run, or None."""
-    return wandb.run
-
-
 def log_figure(key: str, path: Path, commit: bool | None = None) -> None:
     """A PNG written by the project, to the active W&B run (nothing without one)."""
     if wandb.run is not None:
@@ -36,20 +31,9 @@ class Wandb(WandbCallback):
             del self.learn.gather_args
 
 
-def reachable(url: str, timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the server of `url` opens within `timeout` seconds."""
-    u = urlparse(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def wandb_mode() -> tuple[str, str]:
-    """(mode, why), decided before `wandb.init`, which would otherwise wait minutes for a server it
-    cannot reach and then log nothing: WANDB_MODE when set; else online with WANDB_API_KEY and a
-    reachable server; else offline. Online, asked or not, needs the server reachable."""
+    """(mode, why), decided before `wandb.init`, which would wait minutes for a server it cannot reach:
+    WANDB_MODE when set; else online with WANDB_API_KEY; offline without either, or without the server."""
     asked = os.environ.get("WANDB_MODE")
     if asked and asked != "online":
         return asked, f"WANDB_MODE={asked}"
@@ -57,7 +41,10 @@ def wandb_mode() -> tuple[str, str]:
     if not asked and not os.environ.get("WANDB_API_KEY"):
         return "offline", "no WANDB_API_KEY"
     server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    if not reachable(server):
+    u = urlparse(server)
+    try:  # a TCP connection within 5 s
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=5).close()
+    except OSError:
         return "offline", f"{why} is set but {server} cannot be reached (no network?)"
     return "online", why
 
@@ -65,10 +52,7 @@ def wandb_mode() -> tuple[str, str]:
 def start_wandb(s, plan, resume_id: str | None):
     """Start W&B for a run with these settings and plan (off with `s.wandb` False), saying which mode
     and why; its config is both. Never fatal: W&B trouble is printed and training goes on without it."""
-    if not s.wandb:
-        print("W&B: off (--no-wandb)")
-        return None
-    mode, why = wandb_mode()
+    mode, why = wandb_mode() if s.wandb else ("disabled", "--no-wandb")
     if mode == "disabled":
         print(f"W&B: off ({why})")
         return None

@@ -48,25 +48,27 @@ def verdict_map(delta: torch.Tensor, same: bool) -> tuple[torch.Tensor, torch.Te
 
 
 def plot_pairs(rows: list[dict], path: Path | None = None, title: str = ""):
-    """One row per pair: each row dict has img_a, img_b (H, W, 3), heat_a/b, mask_a/b, and a caption;
-    with `delta_a`/`delta_b` (occlusion maps) and `same` (the verdict), also the map that explains it."""
-    pair = "delta_a" in rows[0]
-    fig, axes = plt.subplots(len(rows), 4 if pair else 2, figsize=(12 if pair else 6, 3.2 * len(rows)), squeeze=False)
+    """One row per pair (`explain.pair_rows`): each face with its rollout heatmap and GLCA mask (outer
+    columns) and the part of its occlusion map that explains the verdict `same` (inner columns)."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3.2 * len(rows)), squeeze=False)
     for ax_row, r in zip(axes, rows):
         overlay(ax_row[0], r["img_a"], r["heat_a"], r["mask_a"], r["caption_a"])
         overlay(ax_row[-1], r["img_b"], r["heat_b"], r["mask_b"], r["caption_b"])
-        if pair:
-            for ax, img, delta, who in ((ax_row[1], r["img_a"], r["delta_a"], "A"), (ax_row[2], r["img_b"], r["delta_b"], "B")):
-                heat, top, what = verdict_map(delta, r["same"])
-                overlay(ax, img, heat, top, f"{who}: what {what}", cmap="Reds" if not r["same"] else "Greens")
+        for ax, img, delta, who in ((ax_row[1], r["img_a"], r["delta_a"], "A"), (ax_row[2], r["img_b"], r["delta_b"], "B")):
+            heat, top, what = verdict_map(delta, r["same"])
+            overlay(ax, img, heat, top, f"{who}: what {what}", cmap="Reds" if not r["same"] else "Greens")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * len(rows))) if title else None)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save(fig, path)
     return fig
+
+
+def save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_roc(far: np.ndarray, tar: np.ndarray, report: dict, path: Path) -> None:
@@ -78,9 +80,7 @@ def plot_roc(far: np.ndarray, tar: np.ndarray, report: dict, path: Path) -> None
            title=f"Twins-only test ROC ({report['n_genuine']} genuine / {report['n_impostor']} twin pairs)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_summary(panels: list[dict], path: Path, title: str) -> None:
@@ -99,6 +99,4 @@ def plot_summary(panels: list[dict], path: Path, title: str) -> None:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
