@@ -284,6 +284,20 @@ def test_pretrained_weights_load_into_every_block_and_glca_starts_as_the_loaded_
     assert torch.equal(model.glca_norm.weight, src.norm.weight)
 
 
+def test_weights_that_lack_a_tensor_of_the_backbone_are_refused_naming_it(tmp_path):
+    """timm's pretrained path loads non-strictly once the head is dropped: a file without a block's MLP
+    would leave that block random, the failure that sank earlier attempts."""
+    src = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8).state_dict()
+    torch.save({k: v for k, v in src.items() if not k.startswith("blocks.1.mlp.")}, tmp_path / "partial.pth")
+    with pytest.raises(TwinsError, match=r"partial.pth holds no tensor for 4 of test_vit's \(blocks.1.mlp.fc1.weight, "):
+        small(pretrained=True, weights=str(tmp_path / "partial.pth"))
+    (tmp_path / "text.pth").write_text("not weights")
+    with pytest.raises(TwinsError, match=r"--weights .*text.pth: cannot load them into test_vit \("):
+        small(pretrained=True, weights=str(tmp_path / "text.pth"))
+    with pytest.raises(TwinsError, match=r"--weights nope.pth: cannot load them into test_vit \(FileNotFoundError: "):
+        small(pretrained=True, weights="nope.pth")
+
+
 def test_evaluation_embeddings_come_from_the_model_in_eval_mode():
     model = small(drop_path=0.5).train()  # drop-path would make every embedding random
     cache = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import wandb
 from fastai.callback.core import Callback, CancelBatchException, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
@@ -19,7 +20,7 @@ from .checkpoint import epoch_path, snapshot, write_atomic
 from .data import Split
 from .distributed import bare, gather, rank, share, world
 from .explain import pair_rows
-from .tracking import log_figure, wandb
+from .tracking import log_figure
 from .viz import plot_pairs
 
 

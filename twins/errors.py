@@ -1,6 +1,5 @@
-"""The project's errors. Library code raises them; only `train.py`, `export.py` and `interpret.py`
-turn them into a one-line message (`label: message`) and an exit status, so that the same calls
-behave normally inside a notebook."""
+"""The project's errors. Library code raises them; only `train.py`, `export.py` and `interpret.py` turn
+them into a one-line message (`label: message`) and an exit status, so the same calls work in a notebook."""
 
 
 class TwinsError(Exception):

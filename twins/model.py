@@ -23,7 +23,7 @@ from contextlib import nullcontext
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Attention  # also where timm < 1.0.19 defines it
+from timm.models.vision_transformer import Attention, checkpoint_filter_fn  # also where timm < 1.0.19 defines them
 from torch import nn
 
 from .errors import TwinsError
@@ -110,23 +110,28 @@ class DCAL(nn.Module):
                  weights: str | None = None):
         super().__init__()
         extra = {} if patch_size is None else {"patch_size": patch_size}
-        if pretrained and weights:  # timm's own loading path, from a file instead of the hub
-            extra["pretrained_cfg_overlay"] = {"file": str(weights)}
         try:
-            self.vit = vit = timm.create_model(arch, pretrained=pretrained, num_classes=0, img_size=img_size,
-                                               drop_path_rate=drop_path, **extra)
+            self.vit = vit = timm.create_model(arch, pretrained=pretrained and not weights, num_classes=0,
+                                               img_size=img_size, drop_path_rate=drop_path, **extra)
         except RuntimeError as e:  # timm's own word for an unknown model name or a bad argument
             if "huggingface_hub" in str(e):  # timm < 1.0.21 does not import huggingface_hub >= 1: it says "missing"
                 raise TwinsError(f"timm {timm.__version__} cannot use this huggingface_hub to fetch the weights of "
                                  f"{arch}: pip install -U 'timm>=1.0.21' (or pass --weights FILE)") from None
             raise TwinsError(f"--arch {arch}: {e}") from None
-        except Exception as e:  # only loading the weights can fail otherwise (no Internet, a bad file)
+        except Exception as e:  # only downloading the weights can fail otherwise (no Internet)
             if not pretrained:
                 raise
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise TwinsError(f"--weights {weights}: cannot load them into {arch} ({why})" if weights else
-                             f"the pretrained weights of {arch} could not be downloaded ({why}): on Kaggle switch "
-                             "the notebook's Internet on, or pass --weights FILE, or --no-pretrained") from None
+            raise TwinsError(f"the pretrained weights of {arch} could not be downloaded ({type(e).__name__}): on Kaggle "
+                             "switch the notebook's Internet on, or pass --weights FILE, or --no-pretrained") from None
+        if pretrained and weights:  # timm's reading and key conversion of the file, then every tensor checked present
+            try:  # timm's own pretrained path would load it non-strictly: a block missing from it would stay random
+                loaded = timm.models.load_checkpoint(vit, weights, strict=False, filter_fn=checkpoint_filter_fn)
+            except Exception as e:
+                raise TwinsError(f"--weights {weights}: cannot load them into {arch} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'no such file'})") from None
+            if loaded and loaded.missing_keys:  # (a .npz file goes through timm's own loader: None)
+                raise TwinsError(f"--weights {weights} holds no tensor for {len(loaded.missing_keys)} of {arch}'s "
+                                 f"({', '.join(loaded.missing_keys[:4])}, ...): the weights of another model?")
         patch = vit.patch_embed.patch_size[0]
         if img_size % patch:
             raise TwinsError(f"--size {img_size} is not a multiple of the patch size {patch} of {arch}: "
