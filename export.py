@@ -1,6 +1,6 @@
 """Write a portable fastai learner (.pkl) from a training checkpoint.
 
-    python export.py                                   # newest models/ep*.pth -> models/twins.pkl
+    python export.py                                   # newest models/ep*.pth -> models/twins.pkl (beside it)
     python export.py --ckpt models/ep20 --out twins.pkl
 
 Then, in any Python with this repository's `twins` importable:
@@ -28,7 +28,7 @@ def export(args: argparse.Namespace) -> None:
     """No data and no GPU: the checkpoint holds the weights and the threshold its validation chose."""
     ckpt_path = checkpoint_path(args.ckpt or newest_checkpoint("models"))
     model, _, ckpt = model_from_checkpoint(ckpt_path, torch.device("cpu"))
-    out = Path(args.out)
+    out = Path(args.out or ckpt_path.with_name("twins.pkl"))  # beside its checkpoint: never another run's learner
     if out.is_dir():
         raise CheckpointError(f"--out {out} is a folder: name the file, e.g. --out {out / 'twins.pkl'}")
     pkl = io.BytesIO()  # what fastai's Learner.export writes (a learner without data or optimizer), written whole
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint to export (default: the newest ep*.pth in models/)")
-    p.add_argument("--out", default="models/twins.pkl", help="where to write the learner (default: %(default)s)")
+    p.add_argument("--out", help="where to write the learner (default: twins.pkl beside the checkpoint)")
     args = p.parse_args(argv)
     try:
         export(args)

@@ -80,6 +80,7 @@ CASES = [
  ("a signal stops one process mid-step", "twins/run.py", "        with on_signals(lambda name: agreed.request(\"signal\", name)):", "        with on_signals(interrupt):", "tests/test_distributed.py", "sigterm"),
  ("--bs per process", "twins/plan.py", "    plan = split(run_id, s.bs, n, s.bs)", "    plan = split(run_id, s.bs * n, n, s.bs)", "tests/test_distributed.py", "both_gpus"),
  ("weights loaded non-strictly", "twins/model.py", "            if loaded and loaded.missing_keys:", "            if False:", "tests/test_model.py", "lack_a_tensor"),
+ ("export over another run's learner", "export.py", 'Path(args.out or ckpt_path.with_name("twins.pkl"))', 'Path(args.out or "models/twins.pkl")', "tests/test_export_interpret.py", "beside"),
  ('arch checked by train.py alone', 'twins/model.py', '    check_cuda_arch()\n    return torch.device("cuda")', '    return torch.device("cuda")', 'tests/test_gpu_paths.py', 'checks_the_gpu'),
 ]
 

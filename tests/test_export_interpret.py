@@ -1,5 +1,6 @@
 """export.py and interpret.py as the user runs them, on the model trained by the session's train.py run."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -58,6 +59,18 @@ def test_export_then_load_learner_in_a_fresh_process_scores_like_the_checkpoint(
     assert abs(res[-1]["score"] - expected[0]) < 1e-5  # PIL images score like paths
     report = json.loads((work / "models" / "test_report.json").read_text())
     assert res[0]["threshold"] == report["valid"]["eer_threshold"]  # the last epoch's validation chose it
+
+
+def test_export_writes_beside_its_checkpoint_never_over_another_run_s_learner(fresh_run, tmp_path, monkeypatch):
+    work, _, _ = fresh_run
+    monkeypatch.chdir(work)
+    mine = work / "models" / "twins.pkl"
+    before = mine.read_bytes() if mine.exists() else None
+    (tmp_path / "other").mkdir()
+    shutil.copy(work / "models" / "ep5.pth", tmp_path / "other" / "ep5.pth")  # another run's checkpoint
+    export.main(["--ckpt", str(tmp_path / "other" / "ep5")])
+    assert (tmp_path / "other" / "twins.pkl").stat().st_size > 0
+    assert (mine.read_bytes() if mine.exists() else None) == before
 
 
 def test_export_of_a_missing_or_foreign_checkpoint_fails_clearly(fresh_run, tmp_path, monkeypatch):
