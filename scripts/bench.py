@@ -8,6 +8,7 @@ of DCAL against the plain ViT siamese baseline at the same batch.
     python -m scripts.bench --maps-only 2 --arch vit_small_patch16_224 --patch-size 16 --size 448
 """
 import argparse
+import platform
 import resource
 import subprocess
 import sys
@@ -23,7 +24,19 @@ from twins.data import Split, pair_dataloaders
 from twins.explain import summary_map, windows
 from twins.loss import DCALLoss
 from twins.model import DCAL, mixed_precision
-from twins.run import machine, synced_time
+
+
+def synced_time() -> float:
+    """time.time() once the GPU's queued work is done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.time()
+
+
+def machine() -> str:
+    if not torch.cuda.is_available():
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})"
 
 
 def build(arch, size, patch, dcal: bool, fused: bool = True) -> DCAL:
