@@ -51,7 +51,7 @@ CASES = [
  ("class centres not normalised", "twins/model.py", "F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))", "F.linear(F.normalize(x, dim=-1), self.weight)", "tests/test_model.py", "cosine_whatever"),
  ("embedding parts not normalised", "twins/model.py", 'parts = [F.normalize(out["sa"], dim=-1)] + ([F.normalize(out["glca"], dim=-1)] if "glca" in out else [])', 'parts = [out["sa"]] + ([out["glca"]] if "glca" in out else [])', "tests/test_model.py", "weighs_sa"),
  ("model mean and std swapped", "twins/model.py", 'torch.tensor(dc[k]).view(1, 3, 1, 1)', 'torch.tensor(dc["std" if k == "mean" else "mean"]).view(1, 3, 1, 1)', "tests/test_model.py", "own_mean"),
- ('test threshold chosen on the test set', 'twins/metrics.py', 'verification_report(scores, genuine, valid["eer_threshold"])', 'verification_report(scores, genuine)', 'tests/test_train.py', 'fresh_run_writes'),
+ ('test threshold chosen on the test set', 'twins/run.py', 'verification_report(scores, genuine, valid["eer_threshold"])', 'verification_report(scores, genuine)', 'tests/test_train.py', 'fresh_run_writes'),
  ("checkpoint without its epoch's threshold", "twins/checkpoint.py", '"threshold": learn.valid_report["eer_threshold"]', '"threshold": 0.5', "tests/test_train.py", "fresh_run_writes"),
  ("data-root: the shortest tail first", "twins/data.py", "        for start in range(len(parts)):", "        for start in reversed(range(len(parts))):", "tests/test_data.py", "longest"),
  ("a repeated JSON key keeps the last", "twins/data.py", ", object_pairs_hook=no_repeats)", ")", "tests/test_refusals.py", "read_as_written"),

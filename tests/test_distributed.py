@@ -16,12 +16,10 @@ from fastai.callback.core import Callback
 
 from helpers import ROOT, TINY, lrs, run, tiny_settings
 from twins.plan import Plan
-from twins.run import build, make_learner, prepare
+from twins.run import build, evaluate, make_learner, prepare
 from twins.checkpoint import load_checkpoint, model_from_checkpoint
-from twins.model import DCAL
+from twins.model import DCAL, embed_images
 from twins.data import prepare_data, shard
-from twins.metrics import evaluate
-from twins.model import embed_images
 from twins.metrics import protocol_scores, verification_report
 
 SEED = 40  # its validation split has 19 images: the last batch of two processes needs padding

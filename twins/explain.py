@@ -98,12 +98,12 @@ def pair_rows(model: DCAL, split: Split, cache: torch.Tensor, pairs, threshold: 
     pairs, one given pair, has none), the loss when given, and the occlusion maps that explain the verdict."""
     rows = []
     for k, (a, b) in enumerate(pairs):
-        enc = encode_all(model, cache[[a, b]])
-        emb = model.embedding(enc)
-        score = float(emb[0] @ emb[1])
+        enc = encode_all(model, cache[[a, b]])  # the rollout and GLCA tokens
+        score, delta_a, delta_b = pair_maps(model, cache[[a, b]])
         (heat_a, mask_a), (heat_b, mask_b) = maps_of(model, enc, 0), maps_of(model, enc, 1)
         row = dict(img_a=cache[a].permute(1, 2, 0).numpy() / 255, img_b=cache[b].permute(1, 2, 0).numpy() / 255,
                    heat_a=heat_a, heat_b=heat_b, mask_a=mask_a, mask_b=mask_b, score=score, same=score >= threshold,
+                   delta_a=delta_a, delta_b=delta_b,
                    caption_a=f"{split.ids[split.person[a]]}  {split.paths[a].name}",
                    caption_b=f"{split.ids[split.person[b]]}  {split.paths[b].name}\ncos {score:.3f}: "
                              f"{'same' if score >= threshold else 'different'} (threshold {threshold:.3f})")
@@ -111,7 +111,6 @@ def pair_rows(model: DCAL, split: Split, cache: torch.Tensor, pairs, threshold: 
             row["caption_b"] += "; truth: " + ("same" if split.person[a] == split.person[b] else "twins")
         if losses is not None:
             row["caption_b"] += f", loss {losses[k]:.2f}"
-        _, row["delta_a"], row["delta_b"] = pair_maps(model, cache[[a, b]])
         rows.append(row)
     return rows
 

@@ -1,22 +1,11 @@
 """Twins-only verification metrics: genuine pairs (two images of one person) against twin-impostor
-pairs (a person and their own twin); other impostors are never counted. The validation metric and the
-test report."""
+pairs (a person and their own twin); other impostors are never counted."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from fastai.learner import Metric
 from sklearn.metrics import roc_auc_score, roc_curve
-
-from .model import DCAL, embed_images
-from .viz import plot_roc
-
-if TYPE_CHECKING:
-    from .data import TwinData
 
 FARS = (0.01, 0.001)
 
@@ -101,18 +90,3 @@ class TwinsMetric(Metric):
         self.learn.valid_report = verification_report(*protocol_scores(emb[:n], self.person, self.twin_pairs)[:2])
         return self.learn.valid_report[self.key]
 
-
-def evaluate(model: DCAL, data: TwinData, out: Path, valid: dict) -> dict:
-    """Test on the twins-only protocol, at the threshold the last validation chose (`valid`: its report;
-    the EER threshold of the validation twins, never the test's). Writes `test_report.json` and
-    `roc.png` to `out`; returns the report."""
-    scores, genuine, _ = protocol_scores(embed_images(model, data.caches["test"]), data.test.person,
-                                         data.test.twin_pairs)
-    test = verification_report(scores, genuine, valid["eer_threshold"])
-    test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
-    report = {"test": test, "valid": valid}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "test_report.json").write_text(json.dumps(report, indent=2))
-    far, tar, _ = roc_curve(genuine, scores)
-    plot_roc(far, tar, test, out / "roc.png")
-    return report

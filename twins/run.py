@@ -3,6 +3,7 @@ Learner (model, the plan for this machine) -> fit -> stop with a checkpoint (tim
 SIGTERM) or evaluate on the test twins. `--lr-find` takes the same first steps and ends after the build."""
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
+from sklearn.metrics import roc_curve
 
 from .callbacks import (AgreedStop, AttentionMaps, BranchLogger, Checkpoint, EpochReport, RestoreScaler,
                         StepAccumulation, TimmWeightDecay)
@@ -26,11 +28,12 @@ from .data import RedrawPairs, TwinData, pair_dataloaders, prepare_data
 from .distributed import Distributed, is_main, on_main, share
 from .errors import CheckpointError, DataError, DivergedError
 from .loss import DCALLoss
-from .metrics import TwinsMetric, evaluate
-from .model import DCAL, check_cuda_arch, device
+from .metrics import TwinsMetric, protocol_scores, verification_report
+from .model import DCAL, check_cuda_arch, device, embed_images
 from .plan import Plan, make_plan
 from .settings import Settings
 from .tracking import Wandb, log_figure, start_wandb
+from .viz import plot_roc
 
 
 def prepare(s: Settings, ckpt: dict | None = None, source: str | None = None) -> TwinData:
@@ -182,6 +185,22 @@ def fit(learn: Learner, data: TwinData, ckpt: dict | None, source: str | None, d
         log_figure("test/roc", out / "roc.png", commit=False)
         run.finish()
     return result
+
+
+def evaluate(model: DCAL, data: TwinData, out: Path, valid: dict) -> dict:
+    """Test on the twins-only protocol, at the threshold the last validation chose (`valid`: its report;
+    the EER threshold of the validation twins, never the test's). Writes `test_report.json` and
+    `roc.png` to `out`; returns the report."""
+    scores, genuine, _ = protocol_scores(embed_images(model, data.caches["test"]), data.test.person,
+                                         data.test.twin_pairs)
+    test = verification_report(scores, genuine, valid["eer_threshold"])
+    test["accuracy_at_test_eer_threshold"] = verification_report(scores, genuine)["accuracy"]  # best-on-test, reference only
+    report = {"test": test, "valid": valid}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "test_report.json").write_text(json.dumps(report, indent=2))
+    far, tar, _ = roc_curve(genuine, scores)
+    plot_roc(far, tar, test, out / "roc.png")
+    return report
 
 
 def resume_hint(path) -> str:
